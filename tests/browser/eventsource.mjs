@@ -1,0 +1,285 @@
+// Headless-Chromium EventSource check against a running ringcast server.
+//
+//   node tests/browser/eventsource.mjs http://127.0.0.1:PORT
+//
+// 1. Launches Debian's /usr/bin/chromium (override: CHROMIUM_PATH) through playwright-core
+//    (no browser download: this network is closed).
+// 2. Loads `${base}/health`, so the page's origin IS the server under test: the EventSource
+//    below is same-origin and loopback-to-loopback (Chromium's Local Network Access blocks an
+//    EventSource to 127.0.0.1 from about:blank).
+// 3. In the page: `new EventSource('/events?topic=browser')` with `onmessage` and a
+//    `greeting` listener; waits for `onopen`.
+// 4. From Node: POST /publish?topic=browser body "line one\nline two", then
+//    POST /publish?topic=browser&event=greeting body "hello".
+// 5. Asserts the page got "line one\nline two" on `message` and "hello" on `greeting`, each
+//    with a non-empty lastEventId equal to the id the publish answered, in publish order.
+//
+// Exit 0 on success; otherwise exit 1 with a message saying what the browser saw.
+// The whole run is bounded by OVERALL_TIMEOUT_MS (30 s).
+
+import { chromium } from 'playwright-core';
+import { existsSync } from 'node:fs';
+
+const OVERALL_TIMEOUT_MS = 30_000;
+const STEP_TIMEOUT_MS = 10_000;
+const TOPIC = 'browser';
+const MESSAGE_DATA = 'line one\nline two';
+const GREETING_DATA = 'hello';
+
+// Flags this closed network needs (docs: /work/.library/env/machines/rust.md). playwright-core
+// itself adds a fresh temporary --user-data-dir for every launch() (and refuses one in `args`),
+// and deletes it on close.
+const CHROMIUM_FLAGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+];
+
+const log = (...a) => console.log('[eventsource.mjs]', ...a);
+
+// Everything we learn goes here, so that a failure or timeout can report it.
+const state = {
+  base: null,
+  step: 'start',
+  published: {},
+  pageConsole: [],
+  pageErrors: [],
+  pageHttpErrors: [],
+  browserSaw: null,
+};
+
+let browser = null;
+let finished = false;
+
+async function finish(code, message) {
+  if (finished) return;
+  finished = true;
+  if (code === 0) {
+    log('PASS:', message);
+  } else {
+    console.error(`[eventsource.mjs] FAIL (at step "${state.step}"): ${message}`);
+    console.error('[eventsource.mjs] state:', JSON.stringify(state, null, 2));
+  }
+  if (browser) {
+    // Bounded close: never let a stuck browser keep us alive.
+    await Promise.race([browser.close().catch(() => {}), sleep(3000)]);
+  }
+  process.exit(code);
+}
+
+function sleep(ms) {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+function fail(message) {
+  return finish(1, message);
+}
+
+async function publish(base, query, body) {
+  const url = `${base}/publish?${query}`;
+  const res = await fetch(url, {
+    method: 'POST',
+    headers: { 'Content-Type': 'text/plain; charset=utf-8' },
+    body,
+    signal: AbortSignal.timeout(STEP_TIMEOUT_MS),
+  });
+  const text = await res.text();
+  const rec = { status: res.status, contentType: res.headers.get('content-type'), body: text };
+  state.published[query] = rec;
+  if (res.status !== 200) {
+    throw new Error(`POST ${url} answered ${res.status}: ${text}`);
+  }
+  let id;
+  try {
+    id = JSON.parse(text).id;
+  } catch (e) {
+    throw new Error(`POST ${url} answered non-JSON body ${JSON.stringify(text)}`);
+  }
+  if (typeof id !== 'string' || !/^\d+-\d+$/.test(id)) {
+    throw new Error(`POST ${url} answered id ${JSON.stringify(id)}, expected "<ms>-<seq>"`);
+  }
+  return id;
+}
+
+// "<ms>-<seq>" compared as a pair of numbers.
+function idLess(a, b) {
+  const [am, as] = a.split('-').map(BigInt);
+  const [bm, bs] = b.split('-').map(BigInt);
+  return am < bm || (am === bm && as < bs);
+}
+
+async function main() {
+  const rawBase = process.argv[2];
+  if (!rawBase || !/^https?:\/\//.test(rawBase)) {
+    console.error('usage: node tests/browser/eventsource.mjs http://127.0.0.1:PORT');
+    process.exit(2);
+  }
+  const base = rawBase.replace(/\/+$/, '');
+  state.base = base;
+
+  const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+  if (!existsSync(executablePath)) {
+    return fail(`${executablePath} not found: run scripts/test.sh (it installs Debian's chromium)`);
+  }
+
+  state.step = 'launch chromium';
+  browser = await chromium.launch({
+    executablePath,
+    headless: true,
+    // Chromium refuses some ports outright (ERR_UNSAFE_PORT); allow the one under test.
+    args: [...CHROMIUM_FLAGS, `--explicitly-allowed-ports=${new URL(base).port || 80}`],
+    timeout: STEP_TIMEOUT_MS,
+  });
+  const page = await browser.newPage();
+  page.on('console', (m) => state.pageConsole.push(`${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => state.pageErrors.push(String(e)));
+  page.on('response', (r) => {
+    if (r.status() >= 400) state.pageHttpErrors.push(`${r.status()} ${r.request().method()} ${r.url()}`);
+  });
+  // Chromium asks for /favicon.ico; the server rightly 404s it. Answer it here so that the
+  // failure report holds only requests this test made.
+  await page.route('**/favicon.ico', (route) => route.fulfill({ status: 204, body: '' }));
+  page.setDefaultTimeout(STEP_TIMEOUT_MS);
+
+  state.step = `load ${base}/health`;
+  const resp = await page.goto(`${base}/health`, { timeout: STEP_TIMEOUT_MS });
+  if (!resp || resp.status() !== 200) {
+    return fail(`GET ${base}/health answered ${resp ? resp.status() : 'nothing'}`);
+  }
+
+  // Open the EventSource; resolve on onopen, reject if it fails before opening.
+  state.step = 'open EventSource';
+  const opened = await page.evaluate(
+    ({ topic, timeoutMs }) =>
+      new Promise((resolve) => {
+        const rec = { opens: 0, errors: [], events: [] };
+        window.__sse = rec;
+        const es = new EventSource(`/events?topic=${encodeURIComponent(topic)}`);
+        window.__es = es;
+        const push = (e) =>
+          rec.events.push({
+            type: e.type,
+            data: e.data,
+            lastEventId: e.lastEventId,
+            origin: e.origin,
+          });
+        es.onmessage = push;
+        es.addEventListener('greeting', push);
+        es.onerror = () => {
+          rec.errors.push({ readyState: es.readyState, at: Date.now() });
+          if (es.readyState === EventSource.CLOSED) {
+            resolve({ ok: false, why: 'EventSource failed for good (readyState CLOSED)', rec });
+          }
+        };
+        es.onopen = () => {
+          rec.opens += 1;
+          resolve({ ok: true, url: es.url, readyState: es.readyState });
+        };
+        setTimeout(
+          () => resolve({ ok: false, why: `no onopen within ${timeoutMs} ms`, rec }),
+          timeoutMs,
+        );
+      }),
+    { topic: TOPIC, timeoutMs: STEP_TIMEOUT_MS },
+  );
+  if (!opened.ok) {
+    state.browserSaw = opened.rec;
+    return fail(`EventSource did not open: ${opened.why}`);
+  }
+  log('EventSource open:', opened.url);
+
+  state.step = 'publish';
+  const messageId = await publish(base, `topic=${TOPIC}`, MESSAGE_DATA);
+  const greetingId = await publish(base, `topic=${TOPIC}&event=greeting`, GREETING_DATA);
+  log('published ids:', messageId, greetingId);
+
+  state.step = 'wait for events in the page';
+  const waited = await page.evaluate(
+    (timeoutMs) =>
+      new Promise((resolve) => {
+        const t0 = Date.now();
+        const tick = () => {
+          const rec = window.__sse;
+          const types = rec.events.map((e) => e.type);
+          if (types.includes('message') && types.includes('greeting')) {
+            resolve({ done: true, rec });
+          } else if (Date.now() - t0 > timeoutMs) {
+            resolve({ done: false, rec, readyState: window.__es.readyState });
+          } else {
+            setTimeout(tick, 20);
+          }
+        };
+        tick();
+      }),
+    STEP_TIMEOUT_MS,
+  );
+  state.browserSaw = waited.rec;
+  // Done listening: close the stream from the page side.
+  await page.evaluate(() => window.__es.close()).catch(() => {});
+
+  if (!waited.done) {
+    return fail(
+      `page did not receive both events within ${STEP_TIMEOUT_MS} ms ` +
+        `(EventSource readyState ${waited.readyState})`,
+    );
+  }
+
+  state.step = 'check events';
+  const events = waited.rec.events;
+  const problems = [];
+  const msgs = events.filter((e) => e.type === 'message');
+  const greets = events.filter((e) => e.type === 'greeting');
+  if (msgs.length !== 1) problems.push(`expected 1 "message" event, got ${msgs.length}`);
+  if (greets.length !== 1) problems.push(`expected 1 "greeting" event, got ${greets.length}`);
+  const others = events.filter((e) => e.type !== 'message' && e.type !== 'greeting');
+  if (others.length) problems.push(`unexpected events: ${JSON.stringify(others)}`);
+  const m = msgs[0];
+  const g = greets[0];
+  if (m) {
+    if (m.data !== MESSAGE_DATA) {
+      problems.push(`"message" data ${JSON.stringify(m.data)}, expected ${JSON.stringify(MESSAGE_DATA)}`);
+    }
+    if (!m.lastEventId) problems.push('"message" has an empty lastEventId');
+    else if (m.lastEventId !== messageId) {
+      problems.push(`"message" lastEventId ${JSON.stringify(m.lastEventId)} != publish id ${messageId}`);
+    }
+  }
+  if (g) {
+    if (g.data !== GREETING_DATA) {
+      problems.push(`"greeting" data ${JSON.stringify(g.data)}, expected ${JSON.stringify(GREETING_DATA)}`);
+    }
+    if (!g.lastEventId) problems.push('"greeting" has an empty lastEventId');
+    else if (g.lastEventId !== greetingId) {
+      problems.push(`"greeting" lastEventId ${JSON.stringify(g.lastEventId)} != publish id ${greetingId}`);
+    }
+  }
+  if (m && g && events.indexOf(m) > events.indexOf(g)) {
+    problems.push('"greeting" arrived before "message" (publish order broken)');
+  }
+  if (!idLess(messageId, greetingId)) {
+    problems.push(`publish ids not increasing: ${messageId} then ${greetingId}`);
+  }
+  if (waited.rec.errors.length) {
+    problems.push(`EventSource fired onerror: ${JSON.stringify(waited.rec.errors)}`);
+  }
+  if (problems.length) return fail(problems.join('; '));
+
+  return finish(
+    0,
+    `message ${JSON.stringify(m.data)} id ${m.lastEventId}; greeting ${JSON.stringify(g.data)} id ${g.lastEventId}`,
+  );
+}
+
+const overall = setTimeout(() => {
+  fail(`overall timeout of ${OVERALL_TIMEOUT_MS / 1000} s`);
+}, OVERALL_TIMEOUT_MS);
+// Never exit 0 by running out of work without having passed.
+process.on('beforeExit', () => fail('event loop drained before the check finished'));
+void overall;
+
+main().catch((e) => fail(e && e.stack ? e.stack : String(e)));
