@@ -1,0 +1,122 @@
+//! Every flag (and its `RINGCAST_<NAME>` env var), with defaults and the reason for each.
+
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DriverChoice {
+    /// io_uring, falling back to epoll (one log line says so) where it cannot be built.
+    Auto,
+    /// io_uring only; start-up fails where it is unavailable.
+    Uring,
+    /// epoll (monoio's legacy driver).
+    Epoll,
+}
+
+/// ringcast: a thread-per-core Server-Sent Events pub/sub server.
+#[derive(Clone, Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port shared by every core.
+    #[arg(long, env = "RINGCAST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Worker threads (one monoio runtime and one SO_REUSEPORT listener each); default: all CPUs.
+    #[arg(long, env = "RINGCAST_CORES")]
+    pub cores: Option<usize>,
+
+    /// Pin worker i to CPU i (a failure to pin is a warning).
+    #[arg(long, env = "RINGCAST_PIN_CORES")]
+    pub pin_cores: bool,
+
+    /// I/O driver.
+    #[arg(long, env = "RINGCAST_DRIVER", value_enum, default_value = "auto")]
+    pub driver: DriverChoice,
+
+    /// Open connections of every kind, all cores together; default: the open-file limit less 256.
+    #[arg(long, env = "RINGCAST_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Comment line sent to every stream this often (proxies and load balancers cut idle streams at 60 s).
+    #[arg(long, env = "RINGCAST_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+
+    /// A client must send a whole request head (and each later read of its body) within this.
+    #[arg(long, env = "RINGCAST_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Largest request head in bytes (431 beyond).
+    #[arg(long, env = "RINGCAST_MAX_HEAD_BYTES", default_value_t = 8192)]
+    pub max_head_bytes: usize,
+
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "RINGCAST_MAX_BODY", default_value_t = 1 << 20)]
+    pub max_body: usize,
+
+    /// Topics one stream may subscribe to.
+    #[arg(long, env = "RINGCAST_MAX_TOPICS", default_value_t = 64)]
+    pub max_topics: usize,
+
+    /// Bytes queued for one stream before that subscriber is disconnected as too slow.
+    #[arg(long, env = "RINGCAST_MAX_QUEUED_BYTES", default_value_t = 1 << 20)]
+    pub max_queued_bytes: usize,
+
+    /// Longest SIGTERM/SIGINT drain before the process exits anyway.
+    #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, env = "RINGCAST_LOG_LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+}
+
+impl Config {
+    pub fn core_count(&self) -> usize {
+        self.cores
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+}
+
+/// `250ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("bad duration {text:?}"))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("bad duration unit in {text:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("bad duration {text:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse_from(["ringcast"]);
+        assert_eq!(c.heartbeat, Duration::from_secs(15));
+        assert_eq!(c.max_body, 1 << 20);
+        assert_eq!(c.driver, DriverChoice::Auto);
+    }
+}

@@ -1,0 +1,331 @@
+//! One connection: read requests (pipelined, keep-alive), route them, or become an event stream.
+
+use crate::frames::FrameBatch;
+use crate::http::{
+    parse_request, put_chunk, write_response, write_stream_head, BodyKind, ChunkedDecoder, HttpError, Method, Request,
+};
+use crate::hub::StreamKey;
+use crate::metrics::Shared;
+use crate::publish::{parse_publish, validate_topics};
+use crate::sse::{retry_frame, LAST_CHUNK, OPENING_SSE};
+use crate::worker::Worker;
+use bytes::{Bytes, BytesMut};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::net::TcpStream;
+use monoio::time::Instant;
+use std::future::{poll_fn, Future};
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Read size for request heads and bodies.
+const READ_CHUNK: usize = 4096;
+/// A stream's close watcher reads into this many bytes (swallows stray client bytes).
+const WATCH_BUF: usize = 64;
+
+/// Runs a connection so that a panic ends only this connection, never the core's runtime
+/// (monoio 0.2.4 lets a task's panic unwind out of `block_on`).
+pub async fn serve_guarded(worker: Rc<Worker>, stream: TcpStream, over_limit: bool) {
+    let _count = ConnectionCount(worker.shared.clone());
+    if CatchUnwind(serve(worker, stream, over_limit)).await.is_err() {
+        log::error!("a connection task panicked; the connection was closed");
+    }
+}
+
+struct ConnectionCount(Arc<Shared>);
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct CatchUnwind<F>(F);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: structural pinning; the inner future is never moved out of `self`.
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(_) => Poll::Ready(Err(())),
+        }
+    }
+}
+
+enum ReadError {
+    Closed,
+    Timeout,
+}
+
+/// Reads more bytes into `buf` (appending), flushing pending responses first.
+async fn fill(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<(), ReadError> {
+    if !out.is_empty() && !flush(stream, out).await {
+        return Err(ReadError::Closed);
+    }
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    let (len, cap) = (buf.len(), buf.capacity());
+    let owned = std::mem::take(buf);
+    match monoio::time::timeout_at(deadline, stream.read(owned.slice_mut(len..cap))).await {
+        Ok((res, slice)) => {
+            *buf = slice.into_inner();
+            match res {
+                Ok(0) | Err(_) => Err(ReadError::Closed),
+                Ok(_) => Ok(()),
+            }
+        }
+        Err(_) => Err(ReadError::Timeout),
+    }
+}
+
+/// Writes and clears `out`; false when the peer is gone.
+async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
+    let (res, mut written) = stream.write_all(std::mem::take(out)).await;
+    written.clear();
+    *out = written;
+    res.is_ok()
+}
+
+/// Writes an error response and closes.
+async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError) {
+    err.write_response(out);
+    flush(stream, out).await;
+}
+
+async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool) {
+    let cfg = worker.cfg.clone();
+    let mut buf = BytesMut::new();
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let deadline = Instant::now() + cfg.header_timeout;
+        let req = loop {
+            match parse_request(&mut buf, cfg.max_head_bytes) {
+                Ok(Some(req)) => break req,
+                Ok(None) => {}
+                Err(e) => return fail(&mut stream, &mut out, e).await,
+            }
+            match fill(&mut stream, &mut buf, &mut out, deadline).await {
+                Ok(()) => {}
+                Err(ReadError::Closed) => return,
+                Err(ReadError::Timeout) => return fail(&mut stream, &mut out, HttpError::Timeout).await,
+            }
+        };
+
+        if let Err(e) = check_route(&req) {
+            return fail(&mut stream, &mut out, e).await;
+        }
+        let body = match read_body(&mut stream, &mut buf, &mut out, &req, &cfg).await {
+            Ok(body) => body,
+            Err(Some(e)) => return fail(&mut stream, &mut out, e).await,
+            Err(None) => return,
+        };
+        let keep_alive = req.keep_alive && !worker.draining.get() && !over_limit;
+
+        if over_limit {
+            worker.stats().shed.fetch_add(1, Ordering::Relaxed);
+            if req.path == "/events" && req.method == Method::Get {
+                write_stream_head(&mut out, req.http11);
+                put_chunk(&mut out, retry_frame(worker.jitter(2000, 5000)).body().as_ref(), req.http11);
+                if req.http11 {
+                    out.extend_from_slice(LAST_CHUNK);
+                }
+                flush(&mut stream, &mut out).await;
+                return;
+            }
+            return fail(&mut stream, &mut out, HttpError::Unavailable).await;
+        }
+
+        match (req.path.as_str(), req.method) {
+            ("/events", Method::Get) => return stream_events(worker, stream, req, out).await,
+            ("/publish", Method::Post) => {
+                let published = match parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics) {
+                    Ok(p) => worker.publish(p).await,
+                    Err(e) => Err(e),
+                };
+                match published {
+                    Ok(id) => {
+                        let json = format!("{{\"id\":\"{id}\"}}");
+                        write_response(&mut out, 200, "OK", "application/json", json.as_bytes(), keep_alive);
+                    }
+                    Err(e) => return fail(&mut stream, &mut out, e).await,
+                }
+            }
+            ("/health", Method::Get) => {
+                write_response(&mut out, 200, "OK", "application/json", b"{\"status\":\"ok\"}", keep_alive)
+            }
+            ("/metrics", Method::Get) => {
+                let text = worker.shared.render();
+                write_response(&mut out, 200, "OK", "text/plain; version=0.0.4", text.as_bytes(), keep_alive);
+            }
+            (_, Method::Options) => {
+                let allow = allowed_methods(&req.path).unwrap_or("OPTIONS");
+                let _ = std::io::Write::write_fmt(
+                    &mut out,
+                    format_args!(
+                        "HTTP/1.1 204 No Content\r\nAllow: {allow}\r\nAccess-Control-Allow-Origin: *\r\n\
+                         Access-Control-Allow-Methods: {allow}\r\n\
+                         Access-Control-Allow-Headers: Content-Type, Last-Event-ID\r\n\
+                         Access-Control-Max-Age: 600\r\nContent-Length: 0\r\n\r\n"
+                    ),
+                );
+            }
+            _ => unreachable!("check_route admits only routed requests"),
+        }
+        if !keep_alive {
+            flush(&mut stream, &mut out).await;
+            return;
+        }
+    }
+}
+
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    match path {
+        "/events" | "/health" | "/metrics" => Some("GET, OPTIONS"),
+        "/publish" => Some("POST, OPTIONS"),
+        _ => None,
+    }
+}
+
+/// 404 / 405 before any body is read.
+fn check_route(req: &Request) -> Result<(), HttpError> {
+    let allow = allowed_methods(&req.path).ok_or(HttpError::NotFound)?;
+    let ok = match req.method {
+        Method::Options => true,
+        Method::Get => allow.starts_with("GET"),
+        Method::Post => allow.starts_with("POST"),
+        Method::Head | Method::Other => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(HttpError::MethodNotAllowed(allow))
+    }
+}
+
+/// The whole request body. `Err(None)`: the client left.
+async fn read_body(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    req: &Request,
+    cfg: &crate::config::Config,
+) -> Result<Bytes, Option<HttpError>> {
+    let timed_out = |e: ReadError| match e {
+        ReadError::Closed => None,
+        ReadError::Timeout => Some(HttpError::Timeout),
+    };
+    match req.body {
+        BodyKind::None if req.method == Method::Post && req.content_length.is_none() => {
+            Err(Some(HttpError::LengthRequired))
+        }
+        BodyKind::None => Ok(Bytes::new()),
+        BodyKind::Length(n) if n > cfg.max_body => Err(Some(HttpError::PayloadTooLarge)),
+        BodyKind::Length(n) => {
+            if buf.capacity() < n {
+                buf.reserve(n - buf.len());
+            }
+            while buf.len() < n {
+                fill(stream, buf, out, Instant::now() + cfg.header_timeout).await.map_err(timed_out)?;
+            }
+            Ok(buf.split_to(n).freeze())
+        }
+        BodyKind::Chunked => {
+            let mut decoder = ChunkedDecoder::new(cfg.max_body);
+            while !decoder.feed(buf).map_err(Some)? {
+                fill(stream, buf, out, Instant::now() + cfg.header_timeout).await.map_err(timed_out)?;
+            }
+            Ok(Bytes::from(decoder.into_body()))
+        }
+    }
+}
+
+/// Turns the connection into an event stream until the client leaves, is too slow, or drain.
+async fn stream_events(worker: Rc<Worker>, mut stream: TcpStream, req: Request, mut out: Vec<u8>) {
+    let names: Vec<String> = form_urlencoded::parse(req.query.as_bytes())
+        .filter(|(k, _)| k == "topic")
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    let topics = match validate_topics(names.iter().map(String::as_str), worker.cfg.max_topics) {
+        Ok(t) => t,
+        Err(e) => return fail(&mut stream, &mut out, e).await,
+    };
+    let chunked = req.http11;
+    // Pipelined answers, the stream head and the opening lines leave in one write.
+    write_stream_head(&mut out, chunked);
+    put_chunk(&mut out, OPENING_SSE, chunked);
+    let first = Bytes::from(out);
+
+    let fd = stream.as_raw_fd();
+    let key = worker.hub.borrow_mut().subscribe(&topics, fd, chunked, first, worker.stats());
+    let (rd, wr) = stream.into_split();
+    monoio::spawn(CatchUnwind(watch_close(worker.clone(), rd, key)));
+    let mut writer = StreamWriter { worker, key, wr };
+    writer.run().await;
+}
+
+/// Owns a stream's write half; dropping it removes the stream from the hub first, while the
+/// socket is still open (the removal shuts the socket down, which ends the close watcher).
+struct StreamWriter {
+    worker: Rc<Worker>,
+    key: StreamKey,
+    wr: OwnedWriteHalf<TcpStream>,
+}
+
+impl StreamWriter {
+    async fn run(&mut self) {
+        let mut batch = FrameBatch::new();
+        loop {
+            let more = poll_fn(|cx| self.worker.hub.borrow_mut().poll_frames(self.key, &mut batch, cx)).await;
+            if !more {
+                return;
+            }
+            let total = batch.total_len();
+            while !batch.is_empty() {
+                let (res, back) = self.wr.writev(batch).await;
+                batch = back;
+                match res {
+                    Ok(n) if n > 0 => batch.advance(n),
+                    _ => return,
+                }
+            }
+            self.worker.hub.borrow_mut().written(self.key, total);
+            batch.clear();
+        }
+    }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        if let Ok(mut hub) = self.worker.hub.try_borrow_mut() {
+            hub.unsubscribe(self.key, self.worker.stats());
+        }
+    }
+}
+
+/// Keeps one small read pending so a client's close (FIN or RST) is seen at once.
+async fn watch_close(worker: Rc<Worker>, mut rd: OwnedReadHalf<TcpStream>, key: StreamKey) {
+    let mut buf = Vec::with_capacity(WATCH_BUF);
+    loop {
+        let (res, back) = rd.read(buf).await;
+        buf = back;
+        match res {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    worker.hub.borrow_mut().mark_dead(key);
+}

@@ -1,0 +1,97 @@
+//! One mailbox per core: a bounded crossbeam channel plus a coalesced cross-thread wake-up.
+//!
+//! Why this wake-up: crossbeam has no async receive, and a monoio task can only be woken from
+//! another thread with monoio's `sync` feature. The receiving core registers its task waker in an
+//! `AtomicWaker`; a sender wakes it only when the `notified` flag flips false -> true, so a burst
+//! of messages costs one wake (monoio then writes its eventfd only if the runtime is parked).
+//! No timer, no polling delay, no spinning: an idle core sleeps in io_uring/epoll until woken.
+
+use atomic_waker::AtomicWaker;
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+#[derive(Default)]
+struct Signal {
+    waker: AtomicWaker,
+    notified: AtomicBool,
+}
+
+pub struct MailboxSender<T> {
+    tx: Sender<T>,
+    signal: Arc<Signal>,
+}
+
+impl<T> Clone for MailboxSender<T> {
+    fn clone(&self) -> Self {
+        MailboxSender { tx: self.tx.clone(), signal: self.signal.clone() }
+    }
+}
+
+pub struct MailboxReceiver<T> {
+    rx: Receiver<T>,
+    signal: Arc<Signal>,
+}
+
+pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, MailboxReceiver<T>) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let signal = Arc::new(Signal::default());
+    (MailboxSender { tx, signal: signal.clone() }, MailboxReceiver { rx, signal })
+}
+
+impl<T> MailboxSender<T> {
+    /// Queues without waking; call `notify` once after a batch. Blocks while the mailbox is full.
+    pub fn push(&self, msg: T) -> Result<(), T> {
+        self.tx.send(msg).map_err(|e| e.into_inner())
+    }
+
+    /// Queues without blocking.
+    pub fn try_push(&self, msg: T) -> Result<(), TrySendError<T>> {
+        self.tx.try_send(msg)
+    }
+
+    /// Wakes the receiving core unless a wake is already on its way.
+    pub fn notify(&self) {
+        if !self.signal.notified.swap(true, Ordering::AcqRel) {
+            self.signal.waker.wake();
+        }
+    }
+
+    /// `push` then `notify`.
+    pub fn send(&self, msg: T) -> Result<(), T> {
+        self.push(msg)?;
+        self.notify();
+        Ok(())
+    }
+}
+
+impl<T> MailboxReceiver<T> {
+    /// Resolves when at least one message is waiting.
+    pub async fn ready(&self) {
+        poll_fn(|cx| {
+            self.signal.waker.register(cx.waker());
+            // Clear before looking, so a send that lands after the look wakes us again.
+            self.signal.notified.store(false, Ordering::SeqCst);
+            if self.rx.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+
+    pub fn try_recv(&self) -> Option<T> {
+        match self.rx.try_recv() {
+            Ok(msg) => Some(msg),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
+        }
+    }
+
+    /// Blocking receive for plain threads (the broker).
+    pub fn recv_blocking(&self) -> Option<T> {
+        self.rx.recv().ok()
+    }
+}

@@ -1,0 +1,101 @@
+//! Process-wide counters (each written by one owner, read by `/metrics`) and their rendering.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Counters of one core; only that core writes them.
+#[derive(Default)]
+pub struct CoreStats {
+    pub subscribers: AtomicUsize,
+    pub topics: AtomicUsize,
+    pub slow_disconnects: AtomicU64,
+    pub shed: AtomicU64,
+    pub frames_queued: AtomicU64,
+}
+
+/// State shared by all threads: touched per connection or per publish, never per frame.
+pub struct Shared {
+    pub connections: AtomicUsize,
+    pub max_connections: usize,
+    pub events_published: AtomicU64,
+    pub cores: Vec<CoreStats>,
+}
+
+impl Shared {
+    pub fn new(cores: usize, max_connections: usize) -> Self {
+        Shared {
+            connections: AtomicUsize::new(0),
+            max_connections,
+            events_published: AtomicU64::new(0),
+            cores: (0..cores).map(|_| CoreStats::default()).collect(),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let sum_usize = |f: fn(&CoreStats) -> &AtomicUsize| -> usize {
+            self.cores.iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
+        };
+        let sum_u64 = |f: fn(&CoreStats) -> &AtomicU64| -> u64 {
+            self.cores.iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
+        };
+        let mut out = String::with_capacity(1024);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+        };
+        metric(
+            "ringcast_connections",
+            "gauge",
+            "Open TCP connections.",
+            self.connections.load(Ordering::Relaxed) as u64,
+        );
+        metric("ringcast_max_connections", "gauge", "Connection limit.", self.max_connections as u64);
+        metric(
+            "ringcast_subscribers",
+            "gauge",
+            "Open event streams.",
+            sum_usize(|c| &c.subscribers) as u64,
+        );
+        metric(
+            "ringcast_topics",
+            "gauge",
+            "Topic index entries, summed over cores.",
+            sum_usize(|c| &c.topics) as u64,
+        );
+        metric(
+            "ringcast_events_published_total",
+            "counter",
+            "Events published.",
+            self.events_published.load(Ordering::Relaxed),
+        );
+        metric(
+            "ringcast_frames_queued_total",
+            "counter",
+            "Frames queued to streams (deliveries).",
+            sum_u64(|c| &c.frames_queued),
+        );
+        metric(
+            "ringcast_slow_consumer_disconnects_total",
+            "counter",
+            "Streams closed because their queue passed --max-queued-bytes.",
+            sum_u64(|c| &c.slow_disconnects),
+        );
+        metric(
+            "ringcast_connections_shed_total",
+            "counter",
+            "Requests answered with retry or 503 at the connection limit.",
+            sum_u64(|c| &c.shed),
+        );
+        metric("ringcast_rss_bytes", "gauge", "Resident set size.", rss_bytes());
+        out
+    }
+}
+
+/// Resident set size from /proc/self/statm (0 where unavailable).
+pub fn rss_bytes() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
+    let pages: u64 = text.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
+}

@@ -1,0 +1,146 @@
+//! `POST /publish` bodies: raw (with `?topic=&event=`), JSON, and form-urlencoded.
+
+use crate::broker::Publish;
+use crate::http::HttpError;
+use crate::sse::{valid_event_name, valid_topic};
+
+/// Topics of a stream or publish request, validated and de-duplicated (order kept).
+pub fn validate_topics<'a>(names: impl Iterator<Item = &'a str>, max: usize) -> Result<Vec<Box<str>>, HttpError> {
+    let mut topics: Vec<Box<str>> = Vec::new();
+    for name in names {
+        if !valid_topic(name) {
+            return Err(HttpError::BadInput(format!(
+                "invalid topic {:?}: use 1-256 bytes of A-Z a-z 0-9 . _ - : /",
+                truncate(name, 64)
+            )));
+        }
+        if !topics.iter().any(|t| &**t == name) {
+            if topics.len() == max {
+                return Err(HttpError::BadInput(format!("too many topics (at most {max})")));
+            }
+            topics.push(name.into());
+        }
+    }
+    if topics.is_empty() {
+        return Err(HttpError::BadRequest("missing topic"));
+    }
+    Ok(topics)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn check_event(event: Option<String>) -> Result<Option<Box<str>>, HttpError> {
+    match event {
+        None => Ok(None),
+        Some(name) if name.is_empty() => Ok(None),
+        Some(name) if valid_event_name(&name) => Ok(Some(name.into())),
+        Some(_) => Err(HttpError::BadRequest("event name must be 1-256 bytes without CR, LF or NUL")),
+    }
+}
+
+/// Builds a publish from the request's query, content type and whole body.
+pub fn parse_publish(query: &str, content_type: Option<&str>, body: &[u8], max_topics: usize) -> Result<Publish, HttpError> {
+    let mime = content_type.map(|c| c.split(';').next().unwrap_or("").trim()).unwrap_or("");
+    let mut topics: Vec<String> = Vec::new();
+    let mut event: Option<String> = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "topic" => topics.push(v.into_owned()),
+            "event" => event = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let data = match mime {
+        "application/json" => {
+            let value: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| HttpError::BadInput(format!("invalid JSON: {e}")))?;
+            let obj = value.as_object().ok_or(HttpError::BadRequest("JSON body must be an object"))?;
+            match obj.get("topic") {
+                Some(serde_json::Value::String(t)) => topics.push(t.clone()),
+                Some(_) => return Err(HttpError::BadRequest("\"topic\" must be a string")),
+                None => {}
+            }
+            match obj.get("topics") {
+                Some(serde_json::Value::Array(list)) => {
+                    for t in list {
+                        topics.push(t.as_str().ok_or(HttpError::BadRequest("\"topics\" must hold strings"))?.to_owned());
+                    }
+                }
+                Some(_) => return Err(HttpError::BadRequest("\"topics\" must be an array")),
+                None => {}
+            }
+            match obj.get("event") {
+                Some(serde_json::Value::String(e)) => event = Some(e.clone()),
+                Some(serde_json::Value::Null) | None => {}
+                Some(_) => return Err(HttpError::BadRequest("\"event\" must be a string")),
+            }
+            match obj.get("data") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => String::new(),
+            }
+        }
+        // `curl -d 'text'` sends this type for any body: a body without a known field is raw data.
+        "application/x-www-form-urlencoded"
+            if form_urlencoded::parse(body).any(|(k, _)| matches!(&*k, "topic" | "event" | "data")) =>
+        {
+            let mut data = String::new();
+            for (k, v) in form_urlencoded::parse(body) {
+                match &*k {
+                    "topic" => topics.push(v.into_owned()),
+                    "event" => event = Some(v.into_owned()),
+                    "data" => data = v.into_owned(),
+                    _ => {}
+                }
+            }
+            data
+        }
+        _ => String::from_utf8(body.to_vec()).map_err(|_| HttpError::BadRequest("body is not UTF-8"))?,
+    };
+    let topics = validate_topics(topics.iter().map(String::as_str), max_topics)?;
+    Ok(Publish { topics, event: check_event(event)?, data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_body_with_query() {
+        let p = parse_publish("topic=a&event=tick", Some("text/plain"), b"hello", 64).unwrap();
+        assert_eq!((&*p.topics[0], p.event.as_deref(), p.data.as_str()), ("a", Some("tick"), "hello"));
+    }
+
+    #[test]
+    fn json_forms() {
+        let p = parse_publish("", Some("application/json"), br#"{"topics":["a","b","a"],"data":{"x":[1, 2]}}"#, 64).unwrap();
+        assert_eq!(p.topics.len(), 2);
+        assert_eq!(p.data, r#"{"x":[1,2]}"#);
+        let p = parse_publish("", Some("application/json; charset=utf-8"), br#"{"topic":"t","data":"s"}"#, 64).unwrap();
+        assert_eq!(p.data, "s");
+        assert!(parse_publish("", Some("application/json"), b"{nope", 64).is_err());
+    }
+
+    #[test]
+    fn form_body() {
+        let p = parse_publish("", Some("application/x-www-form-urlencoded"), b"topic=a&event=e&data=x+y%0Az", 64).unwrap();
+        assert_eq!((p.event.as_deref(), p.data.as_str()), (Some("e"), "x y\nz"));
+        let p = parse_publish("topic=a", Some("application/x-www-form-urlencoded"), b"plain text", 64).unwrap();
+        assert_eq!(p.data, "plain text");
+    }
+
+    #[test]
+    fn rejects_injection_and_bad_input() {
+        assert!(parse_publish("topic=a&event=x%0Aid:1", None, b"d", 64).is_err());
+        assert!(parse_publish("topic=a", None, &[0xff, 0xfe], 64).is_err());
+        assert!(parse_publish("topic=a%20b", None, b"d", 64).is_err());
+        assert!(parse_publish("", None, b"d", 64).is_err());
+        assert!(parse_publish("topic=a&topic=b", None, b"d", 1).is_err());
+    }
+}

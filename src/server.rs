@@ -1,0 +1,117 @@
+//! Start-up and shutdown: broker and core threads, the listening address, signals, drain.
+
+use crate::broker::{Broker, BrokerMsg, CoreMsg};
+use crate::config::Config;
+use crate::mailbox::{mailbox, MailboxSender};
+use crate::metrics::Shared;
+use crate::worker::{spawn_core, CoreStart};
+use std::io::{self, Write};
+use std::sync::{mpsc, Arc};
+
+/// Broker inbox: publishes beyond this many in flight are answered 503.
+const BROKER_QUEUE: usize = 1 << 16;
+/// Core mailbox: the broker blocks (back-pressure) when a core falls this far behind.
+const CORE_QUEUE: usize = 1 << 16;
+/// File descriptors kept free for answering over-limit clients and for the process itself.
+const FD_RESERVE: usize = 256;
+
+/// Runs the server until SIGTERM or SIGINT, then drains.
+pub fn run(cfg: Config) -> io::Result<()> {
+    let signals = block_shutdown_signals()?;
+    let nofile = raise_nofile_limit();
+    let cores = cfg.core_count();
+    let max_connections = cfg.max_connections.unwrap_or(nofile.saturating_sub(FD_RESERVE).max(16));
+    let shared = Arc::new(Shared::new(cores, max_connections));
+    let cfg = Arc::new(cfg);
+
+    let (broker_tx, broker_rx) = crossbeam_channel::bounded(BROKER_QUEUE);
+    let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();
+    let broker = Broker { rx: broker_rx, cores: senders.clone(), shared: shared.clone() };
+    let broker_thread = std::thread::Builder::new().name("ringcast-broker".into()).spawn(move || broker.run())?;
+
+    // Core 0 binds first so that port 0 resolves to one port that the other cores share.
+    let mut addr = cfg.listen;
+    let mut threads = Vec::with_capacity(cores);
+    for (index, mailbox) in receivers.into_iter().enumerate() {
+        let (ready, bound) = mpsc::channel();
+        let start = CoreStart {
+            index,
+            cfg: cfg.clone(),
+            shared: shared.clone(),
+            broker: broker_tx.clone(),
+            mailbox,
+            addr,
+            ready,
+        };
+        threads.push(spawn_core(start)?);
+        addr = bound
+            .recv()
+            .map_err(|_| io::Error::other(format!("core {index} stopped during start-up")))?
+            .map_err(|e| io::Error::new(e.kind(), format!("core {index}: cannot listen on {addr}: {e}")))?;
+    }
+    println!("ringcast listening on {addr}");
+    io::stdout().flush()?;
+    log::info!(
+        "{cores} core(s), max {max_connections} connections, heartbeat {:?}, driver {:?}",
+        cfg.heartbeat,
+        cfg.driver
+    );
+
+    let signal = wait_for_signal(&signals);
+    log::info!("{signal} received: draining streams (at most {:?})", cfg.drain_timeout);
+    for core in &senders {
+        let _ = core.send(CoreMsg::Shutdown);
+    }
+    for thread in threads {
+        let _ = thread.join();
+    }
+    let _ = broker_tx.send(BrokerMsg::Shutdown);
+    let _ = broker_thread.join();
+    log::info!("drained; exiting");
+    Ok(())
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and every thread it starts, so that only
+/// `wait_for_signal` sees them.
+fn block_shutdown_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> &'static str {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid out-pointer.
+        if unsafe { libc::sigwait(set, &mut sig) } == 0 {
+            return if sig == libc::SIGTERM { "SIGTERM" } else { "SIGINT" };
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one; returns the limit in force.
+fn raise_nofile_limit() -> usize {
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX).min(1 << 24)
+    }
+}

@@ -1,0 +1,295 @@
+//! One worker thread: its own monoio runtime, SO_REUSEPORT listener, accept loop, heartbeat
+//! timer, and the mailbox loop that fans broker events out to this core's streams.
+
+use crate::broker::{BrokerMsg, CoreMsg, Publish};
+use crate::config::{Config, DriverChoice};
+use crate::conn;
+use crate::http::HttpError;
+use crate::hub::Hub;
+use crate::mailbox::MailboxReceiver;
+use crate::metrics::{CoreStats, Shared};
+use crate::sse::{retry_frame, EventId};
+use monoio::io::Canceller;
+use monoio::net::{ListenerOpts, TcpListener};
+use monoio::time::{Instant, MissedTickBehavior, TimeDriver};
+use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Once};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+/// Mailbox messages handled before other tasks on this core get a turn.
+const MAILBOX_BUDGET: usize = 512;
+/// Pause after accept fails for lack of file descriptors (EMFILE returns at once, forever).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+/// Listen backlog: connection storms (reconnects after a restart) queue here.
+const BACKLOG: i32 = 4096;
+
+type Runtime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
+
+/// Per-core state shared by this core's tasks (never across threads).
+pub struct Worker {
+    pub index: usize,
+    pub cfg: Arc<Config>,
+    pub shared: Arc<Shared>,
+    pub hub: RefCell<Hub>,
+    broker: crossbeam_channel::Sender<BrokerMsg>,
+    acks: RefCell<Slab<AckSlot>>,
+    pub draining: Cell<bool>,
+    rng: Cell<u64>,
+}
+
+#[derive(Default)]
+struct AckSlot {
+    id: Option<EventId>,
+    waker: Option<Waker>,
+    /// The publishing connection went away; free the slot when the broker answers.
+    abandoned: bool,
+}
+
+impl Worker {
+    pub fn stats(&self) -> &CoreStats {
+        &self.shared.cores[self.index]
+    }
+
+    /// A value in `lo..hi` (xorshift; spreads reconnects, nothing more).
+    pub fn jitter(&self, lo: u64, hi: u64) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        lo + x % (hi - lo).max(1)
+    }
+
+    /// Hands a publish to the broker and waits for its id.
+    pub async fn publish(&self, publish: Publish) -> Result<EventId, HttpError> {
+        let ticket = self.acks.borrow_mut().insert(AckSlot::default());
+        let msg = BrokerMsg::Publish { core: self.index, ticket, publish };
+        if self.broker.try_send(msg).is_err() {
+            self.acks.borrow_mut().remove(ticket);
+            return Err(HttpError::Unavailable);
+        }
+        AckWait { worker: self, ticket, done: false }.await
+    }
+
+    fn complete(&self, ticket: usize, id: EventId) {
+        let mut acks = self.acks.borrow_mut();
+        let Some(slot) = acks.get_mut(ticket) else { return };
+        if slot.abandoned {
+            acks.remove(ticket);
+        } else {
+            slot.id = Some(id);
+            if let Some(w) = slot.waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+struct AckWait<'a> {
+    worker: &'a Worker,
+    ticket: usize,
+    done: bool,
+}
+
+impl Future for AckWait<'_> {
+    type Output = Result<EventId, HttpError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut acks = self.worker.acks.borrow_mut();
+        let slot = &mut acks[self.ticket];
+        if let Some(id) = slot.id {
+            acks.remove(self.ticket);
+            drop(acks);
+            self.done = true;
+            return Poll::Ready(Ok(id));
+        }
+        slot.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for AckWait<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if let Ok(mut acks) = self.worker.acks.try_borrow_mut() {
+                if let Some(slot) = acks.get_mut(self.ticket) {
+                    slot.abandoned = true;
+                    slot.waker = None;
+                }
+            }
+        }
+    }
+}
+
+/// Lets every other ready task run once. monoio 0.2.4 has no `yield_now`, and a task that
+/// wakes itself during its own poll is put at the front of the queue (it would starve the
+/// others), so the wake comes from a freshly spawned task instead, which runs at the back.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        let waker = cx.waker().clone();
+        monoio::spawn(async move { waker.wake() });
+        Poll::Pending
+    })
+    .await
+}
+
+static FALLBACK_LOGGED: Once = Once::new();
+
+/// Builds the runtime for `--driver`; `auto` tries io_uring, then epoll.
+/// (monoio's FusionDriver does not fall back when io_uring fails to build, so this does.)
+fn build_runtime(choice: DriverChoice) -> std::io::Result<(Runtime, &'static str)> {
+    let uring = || RuntimeBuilder::<IoUringDriver>::new().enable_timer().build().map(Runtime::from);
+    let epoll = || RuntimeBuilder::<LegacyDriver>::new().enable_timer().build().map(Runtime::from);
+    match choice {
+        DriverChoice::Uring => uring().map(|rt| (rt, "io_uring")),
+        DriverChoice::Epoll => epoll().map(|rt| (rt, "epoll")),
+        DriverChoice::Auto => match uring() {
+            Ok(rt) => Ok((rt, "io_uring")),
+            Err(e) => {
+                FALLBACK_LOGGED.call_once(|| log::warn!("io_uring unavailable ({e}); falling back to epoll"));
+                epoll().map(|rt| (rt, "epoll"))
+            }
+        },
+    }
+}
+
+/// Everything one core needs at start.
+pub struct CoreStart {
+    pub index: usize,
+    pub cfg: Arc<Config>,
+    pub shared: Arc<Shared>,
+    pub broker: crossbeam_channel::Sender<BrokerMsg>,
+    pub mailbox: MailboxReceiver<CoreMsg>,
+    pub addr: SocketAddr,
+    /// Reports the bound address (or the error) once the listener is up.
+    pub ready: mpsc::Sender<std::io::Result<SocketAddr>>,
+}
+
+pub fn spawn_core(start: CoreStart) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("ringcast-core-{}", start.index))
+        .spawn(move || run_thread(start))
+}
+
+fn run_thread(start: CoreStart) {
+    if start.cfg.pin_cores {
+        if let Err(e) = monoio::utils::bind_to_cpu_set([start.index]) {
+            log::warn!("core {}: could not pin to CPU {}: {e}", start.index, start.index);
+        }
+    }
+    let (mut rt, driver) = match build_runtime(start.cfg.driver) {
+        Ok(built) => built,
+        Err(e) => {
+            let _ = start.ready.send(Err(e));
+            return;
+        }
+    };
+    log::debug!("core {} runs on {driver}", start.index);
+    rt.block_on(async move {
+        let opts = ListenerOpts::new().reuse_port(true).backlog(BACKLOG);
+        let listener = match TcpListener::bind_with_config(start.addr, &opts) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = start.ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = start.ready.send(listener.local_addr());
+        let seed = (start.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        let worker = Rc::new(Worker {
+            index: start.index,
+            hub: RefCell::new(Hub::new(start.cfg.max_queued_bytes)),
+            cfg: start.cfg,
+            shared: start.shared,
+            broker: start.broker,
+            acks: RefCell::new(Slab::new()),
+            draining: Cell::new(false),
+            rng: Cell::new(seed | 1),
+        });
+        run_core(worker, listener, start.mailbox).await;
+    });
+}
+
+async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxReceiver<CoreMsg>) {
+    let canceller = Canceller::new();
+    let accept = monoio::spawn(accept_loop(worker.clone(), listener, canceller.handle()));
+    monoio::spawn(heartbeat_loop(worker.clone()));
+
+    'mailbox: loop {
+        mailbox.ready().await;
+        let mut budget = MAILBOX_BUDGET;
+        while let Some(msg) = mailbox.try_recv() {
+            match msg {
+                CoreMsg::Event(event) => worker.hub.borrow_mut().publish(&event, worker.stats()),
+                CoreMsg::Published { ticket, id } => worker.complete(ticket, id),
+                CoreMsg::Shutdown => break 'mailbox,
+            }
+            budget -= 1;
+            if budget == 0 {
+                yield_now().await;
+                budget = MAILBOX_BUDGET;
+            }
+        }
+    }
+
+    // Drain: stop accepting, tell every stream when to come back, close, and leave in time.
+    worker.draining.set(true);
+    let _ = canceller.cancel();
+    let _ = accept.await;
+    worker.hub.borrow_mut().close_all(|| retry_frame(worker.jitter(1000, 5000)));
+    let deadline = Instant::now() + worker.cfg.drain_timeout;
+    while worker.hub.borrow().subscribers() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    worker.hub.borrow_mut().kill_all();
+}
+
+async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::io::CancelHandle) {
+    loop {
+        match listener.cancelable_accept(cancel.clone()).await {
+            Ok((stream, _peer)) => {
+                if worker.draining.get() {
+                    break; // dropping the stream closes it: no fd leaks on a late accept
+                }
+                let _ = stream.set_nodelay(true);
+                let open = worker.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                let over_limit = open > worker.shared.max_connections;
+                monoio::spawn(conn::serve_guarded(worker.clone(), stream, over_limit));
+            }
+            Err(_) if worker.draining.get() => break,
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                    log::warn!("accept: {e}; pausing {ACCEPT_BACKOFF:?}");
+                    monoio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                _ => log::debug!("accept: {e}"),
+            },
+        }
+    }
+}
+
+async fn heartbeat_loop(worker: Rc<Worker>) {
+    let period = worker.cfg.heartbeat.max(Duration::from_millis(1));
+    let mut ticks = monoio::time::interval_at(Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        if worker.draining.get() {
+            return;
+        }
+        worker.hub.borrow_mut().heartbeat(worker.stats());
+    }
+}
