@@ -1,0 +1,296 @@
+//! Publishers: keep-alive connections POSTing timestamped events, at a fixed
+//! rate or flat out.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::cli::PublishMode;
+use crate::net::mono_ns;
+use crate::sse::{parse_head, ChunkDecoder, Framing, Payload};
+use crate::stats;
+
+#[derive(Debug, Clone)]
+pub struct PubConfig {
+    pub target: SocketAddr,
+    pub host_header: String,
+    /// Publish request target per topic index.
+    pub paths: Vec<String>,
+    pub size: usize,
+    pub mode: PublishMode,
+    pub publishers: usize,
+    pub pipeline: usize,
+}
+
+/// What the publishers did.
+#[derive(Debug, Clone)]
+pub struct PubResult {
+    /// Events accepted by the server (2xx), per topic index.
+    pub published_by_topic: Vec<u64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Request -> response time (ns).
+    pub rtt: Histogram<u64>,
+}
+
+impl PubResult {
+    pub fn published(&self) -> u64 {
+        self.published_by_topic.iter().sum()
+    }
+}
+
+/// Live counters of all publishers.
+#[derive(Debug, Default)]
+pub struct PubProgress {
+    pub published: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Running publisher threads.
+pub struct Publishers {
+    handles: Vec<JoinHandle<PubResult>>,
+    pub progress: Arc<PubProgress>,
+    first_error: Arc<Mutex<Option<String>>>,
+}
+
+impl Publishers {
+    /// Starts `cfg.publishers` threads; they all use `start_ns` as time zero.
+    pub fn start(cfg: PubConfig, stop: Arc<AtomicBool>) -> io::Result<Publishers> {
+        let cfg = Arc::new(cfg);
+        let progress = Arc::new(PubProgress::default());
+        let first_error = Arc::new(Mutex::new(None));
+        let start_ns = mono_ns();
+        let mut handles = Vec::new();
+        for id in 0..cfg.publishers {
+            let worker = PubWorker {
+                id,
+                cfg: cfg.clone(),
+                stop: stop.clone(),
+                progress: progress.clone(),
+                first_error: first_error.clone(),
+                conn: None,
+                seq: vec![0; cfg.paths.len()],
+                next_topic: id % cfg.paths.len(),
+                result: PubResult {
+                    published_by_topic: vec![0; cfg.paths.len()],
+                    errors: 0,
+                    first_error: None,
+                    rtt: stats::new_histogram(),
+                },
+            };
+            handles.push(std::thread::Builder::new().name(format!("pub-{id}")).spawn(move || worker.run(start_ns))?);
+        }
+        Ok(Publishers { handles, progress, first_error })
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handles.iter().all(|h| h.is_finished())
+    }
+
+    /// Waits for all publishers and merges their results.
+    pub fn join(self) -> PubResult {
+        let mut total: Option<PubResult> = None;
+        for h in self.handles {
+            let r = h.join().expect("publisher thread panicked");
+            match &mut total {
+                None => total = Some(r),
+                Some(t) => {
+                    stats::add_by_topic(&mut t.published_by_topic, &r.published_by_topic);
+                    t.errors += r.errors;
+                    stats::merge(&mut t.rtt, &r.rtt);
+                }
+            }
+        }
+        let mut total = total.expect("at least one publisher");
+        total.first_error = self.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        total
+    }
+}
+
+struct PubConn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl PubConn {
+    fn open(addr: &SocketAddr) -> io::Result<PubConn> {
+        let stream = TcpStream::connect_timeout(addr, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(PubConn { reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?), writer: stream })
+    }
+
+    /// Reads one response; returns (status, connection must be closed).
+    fn read_response(&mut self) -> io::Result<(u16, bool)> {
+        let mut head = Vec::with_capacity(256);
+        loop {
+            let start = head.len();
+            if self.reader.read_until(b'\n', &mut head)? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the response"));
+            }
+            let line = &head[start..];
+            if line == b"\r\n" || line == b"\n" {
+                head.truncate(start);
+                break;
+            }
+            if head.len() > 64 * 1024 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too large"));
+            }
+        }
+        let parsed = parse_head(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let mut close = parsed.close;
+        match parsed.framing {
+            Framing::Length(n) => {
+                io::copy(&mut (&mut self.reader).take(n), &mut io::sink())?;
+            }
+            Framing::Chunked => {
+                let mut dec = ChunkDecoder::default();
+                while !dec.is_done() {
+                    let buf = self.reader.fill_buf()?;
+                    if buf.is_empty() {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    let used = dec
+                        .feed(buf, &mut |_| {})
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    self.reader.consume(used);
+                }
+            }
+            Framing::UntilClose => {
+                io::copy(&mut self.reader, &mut io::sink())?;
+                close = true;
+            }
+        }
+        Ok((parsed.status, close))
+    }
+}
+
+struct PubWorker {
+    id: usize,
+    cfg: Arc<PubConfig>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<PubProgress>,
+    first_error: Arc<Mutex<Option<String>>>,
+    conn: Option<PubConn>,
+    /// Next sequence number per topic.
+    seq: Vec<u64>,
+    next_topic: usize,
+    result: PubResult,
+}
+
+impl PubWorker {
+    fn run(mut self, start_ns: u64) -> PubResult {
+        let n = self.cfg.publishers as u64;
+        match self.cfg.mode {
+            PublishMode::Burst { count } => {
+                let mine = count / n + u64::from((self.id as u64) < count % n);
+                let mut done = 0;
+                while done < mine && !self.stop.load(Ordering::Relaxed) {
+                    let batch = (mine - done).min(self.cfg.pipeline as u64) as usize;
+                    self.publish_batch(batch);
+                    done += batch as u64;
+                }
+            }
+            PublishMode::Rate { rate, duration } => {
+                // Each publisher sends every `interval`, staggered by id.
+                let interval = n as f64 * 1e9 / rate;
+                let offset = self.id as f64 * 1e9 / rate;
+                let end = start_ns + duration.as_nanos() as u64;
+                for k in 0u64.. {
+                    let due = start_ns + (offset + k as f64 * interval) as u64;
+                    if due >= end || self.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let now = mono_ns();
+                    if due > now + 50_000 {
+                        std::thread::sleep(Duration::from_nanos(due - now));
+                    }
+                    self.publish_batch(1);
+                }
+            }
+        }
+        self.result
+    }
+
+    fn error(&mut self, count: u64, msg: impl FnOnce() -> String) {
+        self.result.errors += count;
+        self.progress.errors.fetch_add(count, Ordering::Relaxed);
+        let mut slot = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(msg());
+        }
+    }
+
+    /// Writes `batch` requests back to back, then reads their responses.
+    fn publish_batch(&mut self, batch: usize) {
+        if self.conn.is_none() {
+            match PubConn::open(&self.cfg.target) {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => {
+                    self.error(batch as u64, || format!("publisher connect: {e}"));
+                    std::thread::sleep(Duration::from_millis(10));
+                    return;
+                }
+            }
+        }
+        let topics = self.cfg.paths.len();
+        let mut buf = Vec::with_capacity(batch * (self.cfg.size + 200));
+        let mut sent_topics = Vec::with_capacity(batch);
+        let mut body = Vec::with_capacity(self.cfg.size + 64);
+        for _ in 0..batch {
+            let topic = self.next_topic;
+            self.next_topic = (self.next_topic + 1) % topics;
+            let seq = self.seq[topic];
+            self.seq[topic] += 1;
+            body.clear();
+            Payload { t_ns: mono_ns(), seq, publisher: self.id as u32 }.write_padded(self.cfg.size, &mut body);
+            write!(
+                buf,
+                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+                self.cfg.paths[topic],
+                self.cfg.host_header,
+                body.len()
+            )
+            .expect("write to Vec");
+            buf.extend_from_slice(&body);
+            sent_topics.push(topic);
+        }
+        let sent_ns = mono_ns();
+        let conn = self.conn.as_mut().expect("connected above");
+        if let Err(e) = conn.writer.write_all(&buf) {
+            self.conn = None;
+            return self.error(batch as u64, || format!("publish write: {e}"));
+        }
+        for (i, &topic) in sent_topics.iter().enumerate() {
+            let conn = self.conn.as_mut().expect("connected above");
+            match conn.read_response() {
+                Ok((status, close)) => {
+                    stats::record(&mut self.result.rtt, mono_ns().saturating_sub(sent_ns));
+                    if (200..300).contains(&status) {
+                        self.result.published_by_topic[topic] += 1;
+                        self.progress.published.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.error(1, || format!("publish answered {status}"));
+                    }
+                    if close {
+                        self.conn = None;
+                        let left = (batch - i - 1) as u64;
+                        if left > 0 {
+                            self.error(left, || "publish connection closed by the server".into());
+                        }
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.conn = None;
+                    return self.error((batch - i) as u64, || format!("publish response: {e}"));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The coordinator: connects the subscribers (in this process or in child
+//! processes), publishes, waits for delivery and builds the report.
+
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cli::{Args, PublishMode, Target};
+use crate::net::own_cpu_seconds;
+use crate::procstat::{self, ProcSample};
+use crate::publisher::{PubConfig, Publishers};
+use crate::report::{ConnectReport, DeliveryReport, PublishReport, Report, ServerReport};
+use crate::shard::{ChildShard, Shard};
+use crate::stats::{self, Counters, Progress, ShardResult, Summary};
+use crate::subscriber::{subscribe_request, SubConfig, SubscriberGroup};
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// Subscriber configuration shared by the parent and its children.
+pub fn sub_config(args: &Args, target: &Target, processes: usize, threads_per_process: usize) -> SubConfig {
+    let requests = (0..args.topics)
+        .map(|t| {
+            let path = args.sub_path.replace("{topic}", &args.topic_name(t));
+            subscribe_request(&path, &target.host_header, args.http10)
+        })
+        .collect();
+    let source = if args.no_bind || !target.addr.is_ipv4() {
+        None
+    } else if args.source_addrs > 0 {
+        Some((args.source_base, args.source_addrs))
+    } else if target.is_loopback() {
+        Some((args.source_base, args.subscribers.div_ceil(25_000).max(1) as u32))
+    } else {
+        None
+    };
+    let threads = (processes * threads_per_process).max(1);
+    SubConfig {
+        target: target.addr,
+        requests,
+        publishers: args.publishers,
+        source,
+        inflight_per_thread: args.connect_concurrency.div_ceil(threads).max(1),
+    }
+}
+
+/// How the subscribers are split: (processes, threads per process).
+pub fn layout(args: &Args) -> (usize, usize) {
+    let processes = args.subscribers.div_ceil(args.max_per_process).max(1);
+    let threads = args.total_threads().div_ceil(processes).max(1);
+    (processes, threads)
+}
+
+/// Prints one progress line per second on stderr.
+struct Ticker {
+    quiet: bool,
+    start: Instant,
+    last: Instant,
+    last_received: u64,
+    last_published: u64,
+}
+
+impl Ticker {
+    fn new(quiet: bool) -> Ticker {
+        let now = Instant::now();
+        Ticker { quiet, start: now, last: now, last_received: 0, last_published: 0 }
+    }
+
+    fn tick(&mut self, phase: &str, c: &Counters, subscribers: usize, published: u64, pub_errors: u64) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64();
+        if self.quiet || dt < 1.0 {
+            return;
+        }
+        let recv_rate = (c.received - self.last_received) as f64 / dt;
+        let pub_rate = (published - self.last_published) as f64 / dt;
+        eprintln!(
+            "[{:6.1}s] {:<8} connected {}/{}  recv {:.0} ev/s ({} total)  pub {:.0} ev/s ({} total)  errors {}",
+            now.duration_since(self.start).as_secs_f64(),
+            phase,
+            c.connected - c.disconnected.min(c.connected),
+            subscribers,
+            recv_rate,
+            c.received,
+            pub_rate,
+            published,
+            c.errors() + pub_errors
+        );
+        self.last = now;
+        self.last_received = c.received;
+        self.last_published = published;
+    }
+}
+
+fn total_progress(shards: &[Shard]) -> Progress {
+    let mut total = Progress { connect_done: true, ..Progress::default() };
+    for s in shards {
+        let p = s.progress();
+        total.counters.add(&p.counters);
+        total.connect_done &= p.connect_done;
+        stats::add_by_topic(&mut total.connected_by_topic, &p.connected_by_topic);
+    }
+    total
+}
+
+fn sample_server(pid: Option<u32>) -> Result<Option<ProcSample>, String> {
+    pid.map(|pid| procstat::sample(pid).map_err(|e| format!("--server-pid {pid}: {e}"))).transpose()
+}
+
+/// Runs the whole load test as the parent process.
+pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
+    args.validate()?;
+    if args.subscribers == 0 {
+        return Err("--subscribers must be at least 1".into());
+    }
+    let target = Target::parse(&args.target)?;
+    let (processes, threads) = layout(args);
+    let cfg = sub_config(args, &target, processes, threads);
+    let mut ticker = Ticker::new(args.quiet);
+
+    // Connect phase.
+    let server_before = sample_server(args.server_pid)?;
+    let connect_start = Instant::now();
+    let mut shards = Vec::with_capacity(processes);
+    if processes == 1 {
+        let group = SubscriberGroup::start(cfg, 0..args.subscribers, threads)
+            .map_err(|e| format!("starting subscribers: {e}"))?;
+        shards.push(Shard::Local(group));
+    } else {
+        let per = args.subscribers.div_ceil(processes);
+        for p in 0..processes {
+            let range = p * per..((p + 1) * per).min(args.subscribers);
+            let child =
+                ChildShard::spawn(raw_args, range, threads).map_err(|e| format!("starting child process: {e}"))?;
+            shards.push(Shard::Child(child));
+        }
+    }
+    let mut cut = false;
+    let connected = loop {
+        let p = total_progress(&shards);
+        ticker.tick("connect", &p.counters, args.subscribers, 0, 0);
+        if p.connect_done {
+            break p;
+        }
+        if !cut && connect_start.elapsed() >= args.connect_timeout {
+            shards.iter_mut().for_each(Shard::cutoff);
+            cut = true;
+        }
+        std::thread::sleep(POLL);
+    };
+    let connect_seconds = connect_start.elapsed().as_secs_f64();
+    let server_connected = sample_server(args.server_pid)?;
+    let by_topic = connected.connected_by_topic.clone();
+    std::thread::sleep(args.settle);
+
+    // Publish phase.
+    let mode = args.publish_mode();
+    let pub_cfg = PubConfig {
+        target: target.addr,
+        host_header: target.host_header.clone(),
+        paths: (0..args.topics).map(|t| args.pub_path.replace("{topic}", &args.topic_name(t))).collect(),
+        size: args.size,
+        mode,
+        publishers: args.publishers,
+        pipeline: if matches!(mode, PublishMode::Burst { .. }) { args.pipeline } else { 1 },
+    };
+    let server_pub_start = sample_server(args.server_pid)?;
+    let pub_start = Instant::now();
+    let stop_publishing = Arc::new(AtomicBool::new(false));
+    let publishers =
+        Publishers::start(pub_cfg, stop_publishing.clone()).map_err(|e| format!("starting publishers: {e}"))?;
+    let pub_progress = publishers.progress.clone();
+    let mut last_unique = 0;
+    let mut last_change = Duration::ZERO;
+    while !publishers.is_finished() {
+        let p = total_progress(&shards);
+        if p.counters.unique != last_unique {
+            last_unique = p.counters.unique;
+            last_change = pub_start.elapsed();
+        }
+        ticker.tick(
+            "publish",
+            &p.counters,
+            args.subscribers,
+            pub_progress.published.load(Ordering::Relaxed),
+            pub_progress.errors.load(Ordering::Relaxed),
+        );
+        std::thread::sleep(POLL);
+    }
+    let published = publishers.join();
+    let pub_seconds = pub_start.elapsed().as_secs_f64();
+    let expected: u64 = by_topic.iter().zip(&published.published_by_topic).map(|(subs, events)| subs * events).sum();
+
+    // Wait for stragglers.
+    let grace_start = Instant::now();
+    loop {
+        let p = total_progress(&shards);
+        if p.counters.unique != last_unique {
+            last_unique = p.counters.unique;
+            last_change = pub_start.elapsed();
+        }
+        if p.counters.unique >= expected || grace_start.elapsed() >= args.grace {
+            break;
+        }
+        ticker.tick("drain", &p.counters, args.subscribers, published.published(), published.errors);
+        std::thread::sleep(POLL);
+    }
+    let server_end = sample_server(args.server_pid)?;
+    let delivery_seconds = last_change.as_secs_f64().max(pub_seconds);
+
+    // Collect.
+    let mut total = ShardResult::default();
+    for shard in shards {
+        total.merge(&shard.finish());
+    }
+    let mut latency = stats::new_histogram();
+    stats::add_pairs(&mut latency, &total.latency);
+    let mut connect_hist = stats::new_histogram();
+    stats::add_pairs(&mut connect_hist, &total.connect);
+    let c = total.counters;
+
+    let server = match (args.server_pid, server_before, server_connected, server_pub_start, server_end) {
+        (Some(pid), Some(before), Some(after_connect), Some(start), Some(end)) => {
+            let cpu = (end.cpu_seconds - start.cpu_seconds).max(0.0);
+            Some(ServerReport {
+                pid,
+                cpu_s: cpu,
+                cpu_us_per_event: (c.unique > 0).then(|| cpu * 1e6 / c.unique as f64),
+                cpu_pct: cpu * 100.0 / delivery_seconds.max(1e-9),
+                rss_before_bytes: before.rss_bytes,
+                rss_after_connect_bytes: after_connect.rss_bytes,
+                rss_per_connection_bytes: (connected.counters.connected > 0).then(|| {
+                    (after_connect.rss_bytes as f64 - before.rss_bytes as f64) / connected.counters.connected as f64
+                }),
+            })
+        }
+        _ => None,
+    };
+
+    let first_error = total.first_error.clone().or(published.first_error.clone());
+    let (rate, duration_s, burst, mode_name) = match mode {
+        PublishMode::Rate { rate, duration } => (Some(rate), Some(duration.as_secs_f64()), None, "rate"),
+        PublishMode::Burst { count } => (None, None, Some(count), "burst"),
+    };
+    let delivered = c.unique;
+    Ok(Report {
+        target: target.addr.to_string(),
+        mode: mode_name,
+        rate,
+        duration_s,
+        burst,
+        size: args.size,
+        subscribers: args.subscribers,
+        topics: args.topics,
+        publishers: args.publishers,
+        processes,
+        threads,
+        connect: ConnectReport {
+            connected: connected.counters.connected,
+            failed: c.connect_failed,
+            seconds: connect_seconds,
+            time: Summary::of(&connect_hist),
+        },
+        publish: PublishReport {
+            published: published.published(),
+            errors: published.errors,
+            seconds: pub_seconds,
+            rate: published.published() as f64 / pub_seconds.max(1e-9),
+            rtt: Summary::of(&published.rtt),
+        },
+        delivery: DeliveryReport {
+            expected,
+            delivered,
+            delivered_pct: if expected == 0 { 100.0 } else { delivered as f64 * 100.0 / expected as f64 },
+            lost: expected.saturating_sub(delivered),
+            duplicates: c.duplicates,
+            foreign: c.foreign,
+            disconnects: c.disconnected,
+            seconds: delivery_seconds,
+            rate: delivered as f64 / delivery_seconds.max(1e-9),
+        },
+        latency: Summary::of(&latency),
+        server,
+        loadtest_cpu_s: own_cpu_seconds() + total.cpu_seconds,
+        errors: c.errors() + published.errors,
+        first_error,
+    })
+}
