@@ -21,7 +21,11 @@ pub struct Publish {
 
 pub enum BrokerMsg {
     /// `ticket` is the publishing connection's slot on core `core`, answered with `Published`.
-    Publish { core: usize, ticket: usize, publish: Publish },
+    Publish {
+        core: usize,
+        ticket: usize,
+        publish: Publish,
+    },
     Shutdown,
 }
 
@@ -55,7 +59,7 @@ impl IdClock {
         self.last
     }
 
-    pub fn next(&mut self) -> EventId {
+    pub fn next_id(&mut self) -> EventId {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         self.next_at(now_ms)
     }
@@ -76,7 +80,7 @@ impl Broker {
             while let Some(msg) = next {
                 match msg {
                     BrokerMsg::Publish { core, ticket, publish } => {
-                        let id = clock.next();
+                        let id = clock.next_id();
                         let frame = encode_event(id, publish.event.as_deref(), &publish.data);
                         let event = Arc::new(Event { id, topics: publish.topics.into_boxed_slice(), frame });
                         for mailbox in &self.cores {

@@ -73,9 +73,7 @@ pub struct Config {
 
 impl Config {
     pub fn core_count(&self) -> usize {
-        self.cores
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1)
+        self.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
     }
 }
 

@@ -102,9 +102,7 @@ fn header_eq(name: &str, want: &str) -> bool {
 }
 
 fn has_token(value: &[u8], token: &str) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| std::str::from_utf8(t).is_ok_and(|t| t.trim().eq_ignore_ascii_case(token)))
+    value.split(|&b| b == b',').any(|t| std::str::from_utf8(t).is_ok_and(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// Parses one request head from the front of `buf`. `Ok(None)`: need more bytes.
@@ -228,14 +226,13 @@ impl ChunkedDecoder {
                 ChunkState::Size => {
                     let Some(line) = take_line(buf)? else { return Ok(false) };
                     let size_text = line[..].split(|&b| b == b';').next().unwrap_or(b"");
-                    let size_text = std::str::from_utf8(size_text)
-                        .map_err(|_| HttpError::BadRequest("bad chunk size"))?
-                        .trim();
+                    let size_text =
+                        std::str::from_utf8(size_text).map_err(|_| HttpError::BadRequest("bad chunk size"))?.trim();
                     if size_text.is_empty() || size_text.len() > 16 {
                         return Err(HttpError::BadRequest("bad chunk size"));
                     }
-                    let size = usize::from_str_radix(size_text, 16)
-                        .map_err(|_| HttpError::BadRequest("bad chunk size"))?;
+                    let size =
+                        usize::from_str_radix(size_text, 16).map_err(|_| HttpError::BadRequest("bad chunk size"))?;
                     if size > self.max.saturating_sub(self.body.len()) {
                         return Err(HttpError::PayloadTooLarge);
                     }

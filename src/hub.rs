@@ -101,7 +101,14 @@ impl Hub {
     }
 
     /// Adds a stream; `first` is queued before any event (the opening `retry:` and comment).
-    pub fn subscribe(&mut self, topics: &[Box<str>], fd: RawFd, chunked: bool, first: Bytes, stats: &CoreStats) -> StreamKey {
+    pub fn subscribe(
+        &mut self,
+        topics: &[Box<str>],
+        fd: RawFd,
+        chunked: bool,
+        first: Bytes,
+        stats: &CoreStats,
+    ) -> StreamKey {
         self.next_id += 1;
         let id = self.next_id;
         let entry = self.subs.vacant_entry();

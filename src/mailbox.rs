@@ -7,7 +7,7 @@
 //! No timer, no polling delay, no spinning: an idle core sleeps in io_uring/epoll until woken.
 
 use atomic_waker::AtomicWaker;
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,11 +47,6 @@ impl<T> MailboxSender<T> {
         self.tx.send(msg).map_err(|e| e.into_inner())
     }
 
-    /// Queues without blocking.
-    pub fn try_push(&self, msg: T) -> Result<(), TrySendError<T>> {
-        self.tx.try_send(msg)
-    }
-
     /// Wakes the receiving core unless a wake is already on its way.
     pub fn notify(&self) {
         if !self.signal.notified.swap(true, Ordering::AcqRel) {
@@ -84,14 +79,6 @@ impl<T> MailboxReceiver<T> {
     }
 
     pub fn try_recv(&self) -> Option<T> {
-        match self.rx.try_recv() {
-            Ok(msg) => Some(msg),
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-        }
-    }
-
-    /// Blocking receive for plain threads (the broker).
-    pub fn recv_blocking(&self) -> Option<T> {
-        self.rx.recv().ok()
+        self.rx.try_recv().ok()
     }
 }

@@ -36,9 +36,8 @@ impl Shared {
         let sum_usize = |f: fn(&CoreStats) -> &AtomicUsize| -> usize {
             self.cores.iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
         };
-        let sum_u64 = |f: fn(&CoreStats) -> &AtomicU64| -> u64 {
-            self.cores.iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
-        };
+        let sum_u64 =
+            |f: fn(&CoreStats) -> &AtomicU64| -> u64 { self.cores.iter().map(|c| f(c).load(Ordering::Relaxed)).sum() };
         let mut out = String::with_capacity(1024);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
@@ -50,18 +49,8 @@ impl Shared {
             self.connections.load(Ordering::Relaxed) as u64,
         );
         metric("ringcast_max_connections", "gauge", "Connection limit.", self.max_connections as u64);
-        metric(
-            "ringcast_subscribers",
-            "gauge",
-            "Open event streams.",
-            sum_usize(|c| &c.subscribers) as u64,
-        );
-        metric(
-            "ringcast_topics",
-            "gauge",
-            "Topic index entries, summed over cores.",
-            sum_usize(|c| &c.topics) as u64,
-        );
+        metric("ringcast_subscribers", "gauge", "Open event streams.", sum_usize(|c| &c.subscribers) as u64);
+        metric("ringcast_topics", "gauge", "Topic index entries, summed over cores.", sum_usize(|c| &c.topics) as u64);
         metric(
             "ringcast_events_published_total",
             "counter",

@@ -45,7 +45,12 @@ fn check_event(event: Option<String>) -> Result<Option<Box<str>>, HttpError> {
 }
 
 /// Builds a publish from the request's query, content type and whole body.
-pub fn parse_publish(query: &str, content_type: Option<&str>, body: &[u8], max_topics: usize) -> Result<Publish, HttpError> {
+pub fn parse_publish(
+    query: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    max_topics: usize,
+) -> Result<Publish, HttpError> {
     let mime = content_type.map(|c| c.split(';').next().unwrap_or("").trim()).unwrap_or("");
     let mut topics: Vec<String> = Vec::new();
     let mut event: Option<String> = None;
@@ -69,7 +74,8 @@ pub fn parse_publish(query: &str, content_type: Option<&str>, body: &[u8], max_t
             match obj.get("topics") {
                 Some(serde_json::Value::Array(list)) => {
                     for t in list {
-                        topics.push(t.as_str().ok_or(HttpError::BadRequest("\"topics\" must hold strings"))?.to_owned());
+                        topics
+                            .push(t.as_str().ok_or(HttpError::BadRequest("\"topics\" must hold strings"))?.to_owned());
                     }
                 }
                 Some(_) => return Err(HttpError::BadRequest("\"topics\" must be an array")),
@@ -119,7 +125,8 @@ mod tests {
 
     #[test]
     fn json_forms() {
-        let p = parse_publish("", Some("application/json"), br#"{"topics":["a","b","a"],"data":{"x":[1, 2]}}"#, 64).unwrap();
+        let p = parse_publish("", Some("application/json"), br#"{"topics":["a","b","a"],"data":{"x":[1, 2]}}"#, 64)
+            .unwrap();
         assert_eq!(p.topics.len(), 2);
         assert_eq!(p.data, r#"{"x":[1,2]}"#);
         let p = parse_publish("", Some("application/json; charset=utf-8"), br#"{"topic":"t","data":"s"}"#, 64).unwrap();
@@ -129,7 +136,8 @@ mod tests {
 
     #[test]
     fn form_body() {
-        let p = parse_publish("", Some("application/x-www-form-urlencoded"), b"topic=a&event=e&data=x+y%0Az", 64).unwrap();
+        let p =
+            parse_publish("", Some("application/x-www-form-urlencoded"), b"topic=a&event=e&data=x+y%0Az", 64).unwrap();
         assert_eq!((p.event.as_deref(), p.data.as_str()), (Some("e"), "x y\nz"));
         let p = parse_publish("topic=a", Some("application/x-www-form-urlencoded"), b"plain text", 64).unwrap();
         assert_eq!(p.data, "plain text");

@@ -25,10 +25,7 @@ impl std::str::FromStr for EventId {
         if !digits(ms) || !digits(seq) {
             return Err(());
         }
-        Ok(EventId {
-            ms: ms.parse().map_err(|_| ())?,
-            seq: seq.parse().map_err(|_| ())?,
-        })
+        Ok(EventId { ms: ms.parse().map_err(|_| ())?, seq: seq.parse().map_err(|_| ())? })
     }
 }
 
@@ -82,7 +79,6 @@ fn put_chunk_head(out: &mut BytesMut, len: usize) -> usize {
     out.len() - start
 }
 
-
 /// Calls `f` for each line of `data`; CR, LF and CRLF all end a line (WHATWG).
 pub fn for_each_line(data: &str, mut f: impl FnMut(&str)) {
     let bytes = data.as_bytes();
@@ -114,9 +110,7 @@ pub fn valid_event_name(name: &str) -> bool {
 /// Topic names: 1-256 bytes of `A-Z a-z 0-9 . _ - : /`.
 pub fn valid_topic(topic: &str) -> bool {
     (1..=256).contains(&topic.len())
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
+        && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
 }
 
 /// Encodes one event once: `id:`, optional `event:`, one `data:` line per line, blank line.

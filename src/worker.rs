@@ -178,9 +178,7 @@ pub struct CoreStart {
 }
 
 pub fn spawn_core(start: CoreStart) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("ringcast-core-{}", start.index))
-        .spawn(move || run_thread(start))
+    std::thread::Builder::new().name(format!("ringcast-core-{}", start.index)).spawn(move || run_thread(start))
 }
 
 fn run_thread(start: CoreStart) {
