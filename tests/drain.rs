@@ -14,41 +14,24 @@ fn retry_value(chunk: &[u8], what: &str) -> u64 {
         .strip_prefix("retry: ")
         .and_then(|r| r.strip_suffix('\n'))
         .unwrap_or_else(|| panic!("{what}: drain chunk {:?} is not `retry: N\\n`", show(chunk)));
-    value
-        .parse()
-        .unwrap_or_else(|_| panic!("{what}: retry {value:?}"))
+    value.parse().unwrap_or_else(|_| panic!("{what}: retry {value:?}"))
 }
 
 /// Opens streams, signals, and checks each stream's ending and the exit status.
 fn drain_with(signal: &str) {
     let mut server = Server::start(&["--drain-timeout", "3s"]);
-    let mut streams: Vec<SseStream> = vec![
-        server.subscribe(&["d1"]),
-        server.subscribe(&["d1", "d2"]),
-        server.subscribe(&["d3"]),
-    ];
-    let mut old = SseStream::open_with(
-        server.addr,
-        "GET /events?topic=d1 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
-    )
-    .expect("HTTP/1.0 stream");
+    let mut streams: Vec<SseStream> =
+        vec![server.subscribe(&["d1"]), server.subscribe(&["d1", "d2"]), server.subscribe(&["d3"])];
+    let mut old = SseStream::open_with(server.addr, "GET /events?topic=d1 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("HTTP/1.0 stream");
     old.head.assert_status(200, "HTTP/1.0 stream");
-    assert_eq!(
-        old.next_item().unwrap(),
-        Some(support::SseItem::Retry("2000".into()))
-    );
+    assert_eq!(old.next_item().unwrap(), Some(support::SseItem::Retry("2000".into())));
     // Streams carry events up to the signal.
     let id = server.publish("d1", "before drain");
     for s in streams.iter_mut().take(2) {
-        assert_eq!(
-            s.expect_event("before drain").id.as_deref(),
-            Some(id.as_str())
-        );
+        assert_eq!(s.expect_event("before drain").id.as_deref(), Some(id.as_str()));
     }
-    assert_eq!(
-        old.expect_event("HTTP/1.0 before drain").id.as_deref(),
-        Some(id.as_str())
-    );
+    assert_eq!(old.expect_event("HTTP/1.0 before drain").id.as_deref(), Some(id.as_str()));
 
     server.signal(signal);
     for (i, s) in streams.iter_mut().enumerate() {
@@ -58,10 +41,7 @@ fn drain_with(signal: &str) {
         assert!((1000..=5000).contains(&ms), "{what}: retry {ms} ms");
         let next = s.next_chunk().unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(next.as_deref().map(show), None, "{what}: stream went on");
-        assert!(
-            !s.unclean_end(),
-            "{what}: closed without the terminal chunk"
-        );
+        assert!(!s.unclean_end(), "{what}: closed without the terminal chunk");
         s.conn.assert_closed(&what);
     }
     // The HTTP/1.0 stream: a retry line, then the server closes.
@@ -80,11 +60,7 @@ fn drain_with(signal: &str) {
     let status = server
         .wait_exit(Duration::from_secs(3) + EXIT_MARGIN)
         .unwrap_or_else(|| panic!("still running {EXIT_MARGIN:?} after the drain timeout"));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status after SIG{signal}: {status}"
-    );
+    assert_eq!(status.code(), Some(0), "exit status after SIG{signal}: {status}");
 }
 
 #[test]
@@ -101,9 +77,7 @@ fn sigint_drains_streams_and_exits_zero() {
 fn sigterm_without_clients_exits_zero() {
     let mut server = Server::start(&["--drain-timeout", "2s"]);
     server.signal("TERM");
-    let status = server
-        .wait_exit(Duration::from_secs(2) + EXIT_MARGIN)
-        .expect("no exit after SIGTERM");
+    let status = server.wait_exit(Duration::from_secs(2) + EXIT_MARGIN).expect("no exit after SIGTERM");
     assert_eq!(status.code(), Some(0), "{status}");
 }
 
@@ -128,10 +102,6 @@ fn idle_and_stalled_clients_do_not_hold_the_drain() {
     // The half-sent head gets either nothing or an error answer, but the connection ends.
     let rest = half.read_to_end();
     if let Ok(bytes) = rest {
-        assert!(
-            bytes.is_empty() || bytes.starts_with(b"HTTP/1.1 "),
-            "half head got {:?}",
-            show(&bytes)
-        );
+        assert!(bytes.is_empty() || bytes.starts_with(b"HTTP/1.1 "), "half head got {:?}", show(&bytes));
     }
 }

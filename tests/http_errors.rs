@@ -43,9 +43,7 @@ impl Fixture {
 
 /// Reads one error answer and checks status, framing, `Connection: close` and the close itself.
 fn read_error(conn: &mut Conn, status: u16, what: &str) -> Response {
-    let resp = conn
-        .read_response()
-        .unwrap_or_else(|e| panic!("{what}: no response: {e}"));
+    let resp = conn.read_response().unwrap_or_else(|e| panic!("{what}: no response: {e}"));
     resp.assert_status(status, what);
     resp.assert_content_length(what);
     resp.assert_connection_close(what);
@@ -66,11 +64,7 @@ fn json_publish(body: &str) -> Vec<u8> {
 }
 
 fn form_publish(body: &str) -> Vec<u8> {
-    post_request(
-        "/publish",
-        Some("application/x-www-form-urlencoded"),
-        body.as_bytes(),
-    )
+    post_request("/publish", Some("application/x-www-form-urlencoded"), body.as_bytes())
 }
 
 #[test]
@@ -78,55 +72,28 @@ fn malformed_request_line_is_400() {
     let mut f = Fixture::start(&[]);
     f.expect_error(b"GARBAGE\r\n\r\n", 400, "request line GARBAGE");
     f.expect_error(b"\x01\x02 / HTTP/1.1\r\n\r\n", 400, "binary method");
-    f.expect_error(
-        b"GET /health HTTP/1.1\r\nBad Header Line\r\n\r\n",
-        400,
-        "header without colon",
-    );
+    f.expect_error(b"GET /health HTTP/1.1\r\nBad Header Line\r\n\r\n", 400, "header without colon");
 }
 
 #[test]
 fn bad_topic_characters_are_400_with_text_reason() {
     let mut f = Fixture::start(&[]);
     for topic in ["bad!topic", "sp%20ace", "%C3%A9", "a%0Ab", "a*b", "a%2Cb"] {
-        let resp = f.expect_error(
-            &get(&format!("/events?topic={topic}")),
-            400,
-            &format!("stream topic {topic}"),
-        );
+        let resp = f.expect_error(&get(&format!("/events?topic={topic}")), 400, &format!("stream topic {topic}"));
         let ct = resp.header("content-type").unwrap_or("");
-        assert!(
-            ct.starts_with("text/plain"),
-            "400 for topic {topic} has Content-Type {ct:?}"
-        );
+        assert!(ct.starts_with("text/plain"), "400 for topic {topic} has Content-Type {ct:?}");
         assert!(!resp.body.is_empty(), "400 for topic {topic} has no reason");
-        f.expect_error(
-            &raw_publish(&format!("topic={topic}"), b"x"),
-            400,
-            &format!("publish topic {topic}"),
-        );
+        f.expect_error(&raw_publish(&format!("topic={topic}"), b"x"), 400, &format!("publish topic {topic}"));
     }
-    f.expect_error(
-        &json_publish(r#"{"topic":"no spaces","data":"x"}"#),
-        400,
-        "JSON topic with a space",
-    );
+    f.expect_error(&json_publish(r#"{"topic":"no spaces","data":"x"}"#), 400, "JSON topic with a space");
 }
 
 #[test]
 fn topic_over_256_bytes_is_400() {
     let mut f = Fixture::start(&[]);
     let long = "a".repeat(257);
-    f.expect_error(
-        &get(&format!("/events?topic={long}")),
-        400,
-        "257-byte stream topic",
-    );
-    f.expect_error(
-        &raw_publish(&format!("topic={long}"), b"x"),
-        400,
-        "257-byte publish topic",
-    );
+    f.expect_error(&get(&format!("/events?topic={long}")), 400, "257-byte stream topic");
+    f.expect_error(&raw_publish(&format!("topic={long}"), b"x"), 400, "257-byte publish topic");
     // The boundary itself is accepted.
     let ok = "a".repeat(256);
     let mut s = f.server.subscribe(&[&ok]);
@@ -137,11 +104,7 @@ fn topic_over_256_bytes_is_400() {
 #[test]
 fn too_many_topics_is_400() {
     let mut f = Fixture::start(&["--max-topics", "2"]);
-    f.expect_error(
-        &get("/events?topic=t1&topic=t2&topic=t3"),
-        400,
-        "3 topics with --max-topics 2",
-    );
+    f.expect_error(&get("/events?topic=t1&topic=t2&topic=t3"), 400, "3 topics with --max-topics 2");
     let mut two = f.server.subscribe(&["t1", "t2"]);
     f.server.publish("t2", "two is fine");
     assert_eq!(two.expect_event("2 topics").data, "two is fine");
@@ -153,16 +116,8 @@ fn missing_topic_is_400() {
     f.expect_error(&get("/events"), 400, "GET /events without topic");
     f.expect_error(&get("/events?topic="), 400, "GET /events with empty topic");
     f.expect_error(&get("/events?other=x"), 400, "GET /events?other=x");
-    f.expect_error(
-        &post_request("/publish", Some("text/plain"), b"x"),
-        400,
-        "raw publish without topic",
-    );
-    f.expect_error(
-        &json_publish(r#"{"data":"x"}"#),
-        400,
-        "JSON publish without topic",
-    );
+    f.expect_error(&post_request("/publish", Some("text/plain"), b"x"), 400, "raw publish without topic");
+    f.expect_error(&json_publish(r#"{"data":"x"}"#), 400, "JSON publish without topic");
     f.expect_error(&form_publish("data=x"), 400, "form publish without topic");
 }
 
@@ -170,16 +125,8 @@ fn missing_topic_is_400() {
 fn event_name_with_cr_lf_or_nul_is_400() {
     let mut f = Fixture::start(&[]);
     for ev in ["a%0Db", "a%0Ab", "a%0D%0Ab", "a%00b"] {
-        f.expect_error(
-            &raw_publish(&format!("topic=alive&event={ev}"), b"x"),
-            400,
-            &format!("raw event name {ev}"),
-        );
-        f.expect_error(
-            &form_publish(&format!("topic=alive&event={ev}&data=x")),
-            400,
-            &format!("form event name {ev}"),
-        );
+        f.expect_error(&raw_publish(&format!("topic=alive&event={ev}"), b"x"), 400, &format!("raw event name {ev}"));
+        f.expect_error(&form_publish(&format!("topic=alive&event={ev}&data=x")), 400, &format!("form event name {ev}"));
     }
     for ev in [r"a\nb", r"a\rb", r"a\u0000b"] {
         f.expect_error(
@@ -193,32 +140,15 @@ fn event_name_with_cr_lf_or_nul_is_400() {
 #[test]
 fn non_utf8_body_is_400() {
     let mut f = Fixture::start(&[]);
-    f.expect_error(
-        &raw_publish("topic=alive", b"ok \xff\xfe bad"),
-        400,
-        "raw non-UTF-8 body",
-    );
-    f.expect_error(
-        &raw_publish("topic=alive", b"truncated \xe2\x82"),
-        400,
-        "raw truncated UTF-8 sequence",
-    );
-    f.expect_error(
-        &form_publish("topic=alive&data=%FF%FE"),
-        400,
-        "form data decoding to non-UTF-8",
-    );
+    f.expect_error(&raw_publish("topic=alive", b"ok \xff\xfe bad"), 400, "raw non-UTF-8 body");
+    f.expect_error(&raw_publish("topic=alive", b"truncated \xe2\x82"), 400, "raw truncated UTF-8 sequence");
+    f.expect_error(&form_publish("topic=alive&data=%FF%FE"), 400, "form data decoding to non-UTF-8");
 }
 
 #[test]
 fn bad_json_is_400() {
     let mut f = Fixture::start(&[]);
-    for body in [
-        r#"{"topic":"#,
-        "not json",
-        r#"{"topic":"alive","data":"x""#,
-        r#"{"topic":5,"data":"x"}"#,
-    ] {
+    for body in [r#"{"topic":"#, "not json", r#"{"topic":"alive","data":"x""#, r#"{"topic":5,"data":"x"}"#] {
         f.expect_error(&json_publish(body), 400, &format!("JSON body {body}"));
     }
 }
@@ -245,36 +175,15 @@ fn unknown_path_is_404() {
 fn wrong_method_is_405_with_allow() {
     let mut f = Fixture::start(&[]);
     let cases: [(&[u8], &str, &str); 4] = [
-        (
-            b"DELETE /publish?topic=alive HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-            "POST",
-            "DELETE /publish",
-        ),
-        (
-            b"GET /publish?topic=alive HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-            "POST",
-            "GET /publish",
-        ),
-        (
-            b"POST /events?topic=alive HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
-            "GET",
-            "POST /events",
-        ),
-        (
-            b"PUT /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
-            "GET",
-            "PUT /health",
-        ),
+        (b"DELETE /publish?topic=alive HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "POST", "DELETE /publish"),
+        (b"GET /publish?topic=alive HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "POST", "GET /publish"),
+        (b"POST /events?topic=alive HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", "GET", "POST /events"),
+        (b"PUT /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", "GET", "PUT /health"),
     ];
     for (raw, allowed, what) in cases {
         let resp = f.expect_error(raw, 405, what);
-        let allow = resp
-            .header("allow")
-            .unwrap_or_else(|| panic!("{what}: 405 without Allow: {}", resp.describe()));
-        assert!(
-            allow.split(',').any(|m| m.trim() == allowed),
-            "{what}: Allow {allow:?} lacks {allowed}"
-        );
+        let allow = resp.header("allow").unwrap_or_else(|| panic!("{what}: 405 without Allow: {}", resp.describe()));
+        assert!(allow.split(',').any(|m| m.trim() == allowed), "{what}: Allow {allow:?} lacks {allowed}");
     }
 }
 
@@ -321,11 +230,7 @@ fn post_without_length_is_411() {
 #[test]
 fn body_over_max_body_is_413() {
     let mut f = Fixture::start(&["--max-body", "1000"]);
-    f.expect_error(
-        &raw_publish("topic=alive", &[b'x'; 1001]),
-        413,
-        "1001-byte body with --max-body 1000",
-    );
+    f.expect_error(&raw_publish("topic=alive", &[b'x'; 1001]), 413, "1001-byte body with --max-body 1000");
     let mut req = b"POST /publish?topic=alive HTTP/1.1\r\nHost: 127.0.0.1\r\n\
         Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
         .to_vec();
@@ -353,16 +258,12 @@ fn head_over_8k_is_431() {
     );
     let mut req = String::from("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n");
     for i in 0..200 {
-        req.push_str(&format!(
-            "X-H{i}: 0123456789012345678901234567890123456789\r\n"
-        ));
+        req.push_str(&format!("X-H{i}: 0123456789012345678901234567890123456789\r\n"));
     }
     req.push_str("\r\n");
     f.expect_error(req.as_bytes(), 431, "200 headers, ~10 KiB");
     // A head well under the limit is fine.
     let ok = "v".repeat(6000);
-    let resp = f.server.request(
-        format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Ok: {ok}\r\n\r\n").as_bytes(),
-    );
+    let resp = f.server.request(format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Ok: {ok}\r\n\r\n").as_bytes());
     resp.assert_status(200, "6000-byte header");
 }

@@ -9,31 +9,20 @@ use support::{show, Server, SseStream};
 fn assert_shed_stream(server: &Server, what: &str) {
     let mut s = SseStream::open(server.addr, "/events?topic=over").expect("open shed stream");
     s.head.assert_status(200, what);
-    assert_eq!(
-        s.head.header("content-type"),
-        Some("text/event-stream; charset=utf-8"),
-        "{what}"
-    );
+    assert_eq!(s.head.header("content-type"), Some("text/event-stream; charset=utf-8"), "{what}");
     assert!(s.head.is_chunked(), "{what}: {}", s.head.describe());
-    let chunk = s
-        .next_chunk()
-        .unwrap_or_else(|e| panic!("{what}: {e}"))
-        .unwrap_or_else(|| panic!("{what}: no retry chunk"));
+    let chunk =
+        s.next_chunk().unwrap_or_else(|e| panic!("{what}: {e}")).unwrap_or_else(|| panic!("{what}: no retry chunk"));
     let text = String::from_utf8(chunk.clone()).unwrap();
     let value = text
         .strip_prefix("retry: ")
         .and_then(|r| r.strip_suffix('\n'))
         .unwrap_or_else(|| panic!("{what}: chunk {:?} is not `retry: N\\n`", show(&chunk)));
-    let ms: u64 = value
-        .parse()
-        .unwrap_or_else(|_| panic!("{what}: retry {value:?}"));
+    let ms: u64 = value.parse().unwrap_or_else(|_| panic!("{what}: retry {value:?}"));
     assert!((2000..=5000).contains(&ms), "{what}: retry {ms} ms");
     let next = s.next_chunk().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_eq!(next, None, "{what}: the shed stream went on");
-    assert!(
-        !s.unclean_end(),
-        "{what}: closed without the terminal chunk 0\\r\\n\\r\\n"
-    );
+    assert!(!s.unclean_end(), "{what}: closed without the terminal chunk 0\\r\\n\\r\\n");
     s.conn.assert_closed(what);
 }
 
@@ -48,10 +37,7 @@ fn subscribe_when_admitted(server: &Server, topics: &[&str]) -> SseStream {
             return s;
         }
         assert!(first.starts_with(b"retry: "), "{:?}", show(&first));
-        assert!(
-            Instant::now() < deadline,
-            "no stream admitted 10 s after a slot was freed"
-        );
+        assert!(Instant::now() < deadline, "no stream admitted 10 s after a slot was freed");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -90,9 +76,8 @@ fn streams_over_the_limit_get_retry_and_end() {
     let resp = conn.read_response().expect("answer at the limit");
     resp.assert_status(503, "health at the limit");
     resp.assert_content_length("503");
-    let retry_after = resp
-        .header("retry-after")
-        .unwrap_or_else(|| panic!("503 without Retry-After: {}", resp.describe()));
+    let retry_after =
+        resp.header("retry-after").unwrap_or_else(|| panic!("503 without Retry-After: {}", resp.describe()));
     assert!(
         !retry_after.is_empty() && retry_after.bytes().all(|b| b.is_ascii_digit()),
         "Retry-After {retry_after:?} is not delta-seconds"
@@ -107,11 +92,7 @@ fn streams_over_the_limit_get_retry_and_end() {
     let id = publish_when_admitted(&server, "a", "after shedding");
     for (name, s) in [("s3", &mut s3), ("s4", &mut s4)] {
         let ev = s.expect_event(name);
-        assert_eq!(
-            (ev.id.as_deref(), ev.data.as_str()),
-            (Some(id.as_str()), "after shedding"),
-            "{name}"
-        );
+        assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some(id.as_str()), "after shedding"), "{name}");
     }
     let shed = support::metric(&server.metrics(), "ringcast_connections_shed_total");
     assert!(shed >= 3.0, "ringcast_connections_shed_total = {shed}");
@@ -125,9 +106,7 @@ fn idle_connections_count_toward_the_limit() {
     for i in 0..3 {
         let mut conn = server.connect();
         conn.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-        conn.read_response()
-            .unwrap_or_else(|e| panic!("idle {i}: {e}"))
-            .assert_status(200, "health below the limit");
+        conn.read_response().unwrap_or_else(|e| panic!("idle {i}: {e}")).assert_status(200, "health below the limit");
         idle.push(conn);
     }
     assert_shed_stream(&server, "stream with 3 idle keep-alive connections open");

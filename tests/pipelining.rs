@@ -9,21 +9,13 @@ use support::{parse_id, post_request, publish_id, Conn, Response, Server, SseStr
 const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
 
 fn publish_req(topic: &str, data: &str) -> Vec<u8> {
-    post_request(
-        &format!("/publish?topic={topic}"),
-        Some("text/plain"),
-        data.as_bytes(),
-    )
+    post_request(&format!("/publish?topic={topic}"), Some("text/plain"), data.as_bytes())
 }
 
 fn assert_health(resp: &Response, what: &str) {
     resp.assert_status(200, what);
     resp.assert_content_length(what);
-    assert_eq!(
-        resp.body_str().replace(' ', ""),
-        r#"{"status":"ok"}"#,
-        "{what}"
-    );
+    assert_eq!(resp.body_str().replace(' ', ""), r#"{"status":"ok"}"#, "{what}");
 }
 
 #[test]
@@ -38,9 +30,7 @@ fn three_publishes_in_one_write_answer_in_order() {
     conn.send(&batch);
     let mut ids = Vec::new();
     for i in 0..3 {
-        let resp = conn
-            .read_response()
-            .unwrap_or_else(|e| panic!("pipelined publish {i}: {e}"));
+        let resp = conn.read_response().unwrap_or_else(|e| panic!("pipelined publish {i}: {e}"));
         resp.assert_status(200, &format!("pipelined publish {i}"));
         resp.assert_content_length(&format!("pipelined publish {i}"));
         ids.push(publish_id(&resp));
@@ -48,10 +38,7 @@ fn three_publishes_in_one_write_answer_in_order() {
     assert!(parse_id(&ids[0]) < parse_id(&ids[1]) && parse_id(&ids[1]) < parse_id(&ids[2]));
     for (i, id) in ids.iter().enumerate() {
         let ev = s.expect_event("pipelined event");
-        assert_eq!(
-            (ev.id.as_deref(), ev.data.as_str()),
-            (Some(id.as_str()), format!("p{i}").as_str())
-        );
+        assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some(id.as_str()), format!("p{i}").as_str()));
     }
     // The connection is still usable afterwards.
     conn.send(HEALTH);
@@ -73,10 +60,7 @@ fn health_publish_health_in_one_write() {
     let id = publish_id(&resp);
     assert_health(&conn.read_response().unwrap(), "second health");
     let ev = s.expect_event("pipelined publish event");
-    assert_eq!(
-        (ev.id.as_deref(), ev.data.as_str()),
-        (Some(id.as_str()), "middle")
-    );
+    assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some(id.as_str()), "middle"));
 }
 
 #[test]
@@ -92,9 +76,7 @@ fn fifty_pipelined_publishes_across_read_buffers() {
     conn.send(&batch);
     let mut ids = Vec::new();
     for i in 0..50 {
-        let resp = conn
-            .read_response()
-            .unwrap_or_else(|e| panic!("pipelined publish {i}: {e}"));
+        let resp = conn.read_response().unwrap_or_else(|e| panic!("pipelined publish {i}: {e}"));
         resp.assert_status(200, &format!("pipelined publish {i}"));
         ids.push(publish_id(&resp));
     }
@@ -115,10 +97,7 @@ fn keep_alive_serves_sequential_requests() {
         let resp = conn.read_response().unwrap();
         assert_health(&resp, &format!("keep-alive round {round}"));
         assert!(
-            !resp
-                .headers_named("connection")
-                .iter()
-                .any(|v| v.eq_ignore_ascii_case("close")),
+            !resp.headers_named("connection").iter().any(|v| v.eq_ignore_ascii_case("close")),
             "HTTP/1.1 health answer closes the connection: {}",
             resp.describe()
         );
@@ -205,8 +184,5 @@ fn publish_then_stream_on_one_connection() {
     assert!(first.starts_with(b"retry:"), "{first:?}");
     let id = server.publish("later", "after");
     let ev = s.expect_event("pipelined stream event");
-    assert_eq!(
-        (ev.id.as_deref(), ev.data.as_str()),
-        (Some(id.as_str()), "after")
-    );
+    assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some(id.as_str()), "after"));
 }

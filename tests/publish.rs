@@ -8,30 +8,16 @@ use support::{chunked_body, parse_id, publish_id, publish_request, Conn, Server}
 #[test]
 fn raw_publish_answers_json_id_with_content_length() {
     let server = Server::start(&[]);
-    let resp = publish_request(
-        server.addr,
-        "/publish?topic=news",
-        Some("text/plain"),
-        b"hello",
-    );
+    let resp = publish_request(server.addr, "/publish?topic=news", Some("text/plain"), b"hello");
     resp.assert_status(200, "raw publish");
     resp.assert_content_length("raw publish");
     let ct = resp.header("content-type").unwrap_or("");
-    assert!(
-        ct.starts_with("application/json"),
-        "publish answer Content-Type {ct:?}"
-    );
+    assert!(ct.starts_with("application/json"), "publish answer Content-Type {ct:?}");
     let id = publish_id(&resp);
     assert_eq!(resp.body_str(), format!("{{\"id\":\"{id}\"}}"));
     let (ms, _) = parse_id(&id);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    assert!(
-        ms.abs_diff(now) < 3_600_000,
-        "id {id} is not near the current unix time in ms ({now})"
-    );
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(ms.abs_diff(now) < 3_600_000, "id {id} is not near the current unix time in ms ({now})");
 }
 
 #[test]
@@ -46,11 +32,7 @@ fn publish_without_subscribers_succeeds() {
 fn raw_body_with_any_other_content_type_or_none() {
     let server = Server::start(&[]);
     let mut s = server.subscribe(&["raw"]);
-    for (ct, body) in [
-        (Some("application/octet-stream"), "octets"),
-        (None, "no type"),
-        (Some("text/csv"), "a,b,c"),
-    ] {
+    for (ct, body) in [(Some("application/octet-stream"), "octets"), (None, "no type"), (Some("text/csv"), "a,b,c")] {
         let resp = publish_request(server.addr, "/publish?topic=raw", ct, body.as_bytes());
         resp.assert_status(200, &format!("raw publish with {ct:?}"));
         let id = publish_id(&resp);
@@ -65,12 +47,7 @@ fn raw_body_with_event_and_two_topics() {
     let server = Server::start(&[]);
     let mut a = server.subscribe(&["ra"]);
     let mut b = server.subscribe(&["rb"]);
-    let resp = publish_request(
-        server.addr,
-        "/publish?topic=ra&topic=rb&event=update",
-        Some("text/plain"),
-        b"payload",
-    );
+    let resp = publish_request(server.addr, "/publish?topic=ra&topic=rb&event=update", Some("text/plain"), b"payload");
     resp.assert_status(200, "raw publish to two topics");
     let id = publish_id(&resp);
     for (name, s) in [("ra", &mut a), ("rb", &mut b)] {
@@ -106,31 +83,19 @@ fn json_topics_array_reaches_every_topic_once() {
     let mut a = server.subscribe(&["ja"]);
     let mut b = server.subscribe(&["jb"]);
     let mut both = server.subscribe(&["ja", "jb"]);
-    let resp = publish_request(
-        server.addr,
-        "/publish",
-        Some("application/json"),
-        br#"{"topics":["ja","jb"],"data":"fan"}"#,
-    );
+    let resp =
+        publish_request(server.addr, "/publish", Some("application/json"), br#"{"topics":["ja","jb"],"data":"fan"}"#);
     resp.assert_status(200, "JSON topics publish");
     let id = publish_id(&resp);
     let marker = server.publish("jb", "marker");
     for (name, s) in [("ja", &mut a), ("jb", &mut b), ("ja+jb", &mut both)] {
         let ev = s.expect_event(name);
-        assert_eq!(
-            (ev.id.as_deref(), ev.data.as_str()),
-            (Some(id.as_str()), "fan"),
-            "{name}"
-        );
+        assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some(id.as_str()), "fan"), "{name}");
     }
     let ev = b.expect_event("jb marker");
     assert_eq!(ev.id.as_deref(), Some(marker.as_str()));
     let ev = both.expect_event("ja+jb marker");
-    assert_eq!(
-        ev.id.as_deref(),
-        Some(marker.as_str()),
-        "a stream on both topics got the two-topic event twice"
-    );
+    assert_eq!(ev.id.as_deref(), Some(marker.as_str()), "a stream on both topics got the two-topic event twice");
 }
 
 #[test]
@@ -244,9 +209,5 @@ fn published_total_counts_publishes() {
     for i in 0..3 {
         server.publish("count", &i.to_string());
     }
-    server.wait_for_metric(
-        "ringcast_events_published_total",
-        std::time::Duration::from_secs(5),
-        |v| v == 3.0,
-    );
+    server.wait_for_metric("ringcast_events_published_total", std::time::Duration::from_secs(5), |v| v == 3.0);
 }

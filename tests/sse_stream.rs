@@ -12,26 +12,13 @@ fn stream_head_is_exactly_the_contract() {
     let h = &s.head;
     assert_eq!(h.version, "HTTP/1.1", "{}", h.describe());
     h.assert_status(200, "GET /events");
-    assert_eq!(
-        h.header("content-type"),
-        Some("text/event-stream; charset=utf-8")
-    );
+    assert_eq!(h.header("content-type"), Some("text/event-stream; charset=utf-8"));
     assert_eq!(h.header("cache-control"), Some("no-cache"));
     assert_eq!(h.header("x-accel-buffering"), Some("no"));
     assert_eq!(h.header("transfer-encoding"), Some("chunked"));
     assert_eq!(h.header("access-control-allow-origin"), Some("*"));
-    assert_eq!(
-        h.header("content-length"),
-        None,
-        "a stream must not carry Content-Length: {}",
-        h.describe()
-    );
-    for name in [
-        "content-type",
-        "cache-control",
-        "x-accel-buffering",
-        "transfer-encoding",
-    ] {
+    assert_eq!(h.header("content-length"), None, "a stream must not carry Content-Length: {}", h.describe());
+    for name in ["content-type", "cache-control", "x-accel-buffering", "transfer-encoding"] {
         assert_eq!(h.headers_named(name).len(), 1, "duplicate {name}: {h:?}");
     }
 }
@@ -41,20 +28,10 @@ fn opening_chunk_is_retry_then_comment_without_blank_line() {
     let server = Server::start(&[]);
     let mut s = SseStream::open(server.addr, "/events?topic=news").expect("open stream");
     let first = s.next_chunk().expect("read").expect("opening chunk");
-    assert!(
-        first.starts_with(b"retry: "),
-        "opening chunk {:?} must begin with retry:",
-        show(&first)
-    );
+    assert!(first.starts_with(b"retry: "), "opening chunk {:?} must begin with retry:", show(&first));
     let text = String::from_utf8(first.clone()).expect("UTF-8");
-    assert!(
-        text.lines().any(|l| l.starts_with(':')),
-        "opening chunk {text:?} has no comment line"
-    );
-    assert!(
-        !text.contains("\n\n"),
-        "opening chunk {text:?} has a blank line (phantom event in httpx-sse)"
-    );
+    assert!(text.lines().any(|l| l.starts_with(':')), "opening chunk {text:?} has no comment line");
+    assert!(!text.contains("\n\n"), "opening chunk {text:?} has a blank line (phantom event in httpx-sse)");
     assert_eq!(text, "retry: 2000\n:ok\n", "contract: first chunk");
     assert_eq!(s.next_item().unwrap(), Some(SseItem::Retry("2000".into())));
     assert_eq!(s.next_item().unwrap(), Some(SseItem::Comment("ok".into())));
@@ -125,12 +102,8 @@ fn utf8_data_arrives_intact() {
 fn named_event_has_event_line() {
     let server = Server::start(&[]);
     let mut s = server.subscribe(&["chat"]);
-    let resp = support::publish_request(
-        server.addr,
-        "/publish?topic=chat&event=message.new",
-        Some("text/plain"),
-        b"hi",
-    );
+    let resp =
+        support::publish_request(server.addr, "/publish?topic=chat&event=message.new", Some("text/plain"), b"hi");
     resp.assert_status(200, "named publish");
     let id = support::publish_id(&resp);
     let chunk = String::from_utf8(s.expect_chunk("named event")).unwrap();
@@ -148,10 +121,7 @@ fn every_event_has_an_id_increasing_in_publish_order() {
     let mut last = (0, 0);
     for (i, want) in published.iter().enumerate() {
         let ev = s.expect_event("sequence");
-        let id = ev
-            .id
-            .clone()
-            .unwrap_or_else(|| panic!("event {i} has no id: {ev:?}"));
+        let id = ev.id.clone().unwrap_or_else(|| panic!("event {i} has no id: {ev:?}"));
         assert_eq!(&id, want, "event {i} id differs from the publish answer");
         assert_eq!(ev.data, format!("n{i}"), "event {i} out of order");
         let pair = parse_id(&id);
@@ -168,34 +138,20 @@ fn one_connection_receives_several_topics() {
     let b = server.publish("beta", "from beta");
     let e1 = s.expect_event("alpha event");
     let e2 = s.expect_event("beta event");
-    assert_eq!(
-        (e1.id.as_deref(), e1.data.as_str()),
-        (Some(a.as_str()), "from alpha")
-    );
-    assert_eq!(
-        (e2.id.as_deref(), e2.data.as_str()),
-        (Some(b.as_str()), "from beta")
-    );
+    assert_eq!((e1.id.as_deref(), e1.data.as_str()), (Some(a.as_str()), "from alpha"));
+    assert_eq!((e2.id.as_deref(), e2.data.as_str()), (Some(b.as_str()), "from beta"));
 }
 
 #[test]
 fn one_publish_to_two_subscribed_topics_arrives_once() {
     let server = Server::start(&[]);
     let mut s = server.subscribe(&["alpha", "beta"]);
-    let resp = support::publish_request(
-        server.addr,
-        "/publish?topic=alpha&topic=beta",
-        Some("text/plain"),
-        b"both",
-    );
+    let resp = support::publish_request(server.addr, "/publish?topic=alpha&topic=beta", Some("text/plain"), b"both");
     resp.assert_status(200, "publish to two topics");
     let id = support::publish_id(&resp);
     let marker = server.publish("alpha", "marker");
     let first = s.expect_event("double-topic event");
-    assert_eq!(
-        (first.id.as_deref(), first.data.as_str()),
-        (Some(id.as_str()), "both")
-    );
+    assert_eq!((first.id.as_deref(), first.data.as_str()), (Some(id.as_str()), "both"));
     let second = s.expect_event("marker");
     assert_eq!(
         (second.id.as_deref(), second.data.as_str()),
@@ -245,21 +201,11 @@ fn topics_with_all_allowed_characters_work() {
 #[test]
 fn http10_stream_is_unframed_and_carries_events() {
     let server = Server::start(&[]);
-    let mut s = SseStream::open_with(
-        server.addr,
-        "GET /events?topic=old HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
-    )
-    .expect("open HTTP/1.0 stream");
+    let mut s = SseStream::open_with(server.addr, "GET /events?topic=old HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("open HTTP/1.0 stream");
     s.head.assert_status(200, "HTTP/1.0 stream");
-    assert_eq!(
-        s.head.header("content-type"),
-        Some("text/event-stream; charset=utf-8")
-    );
-    assert!(
-        !s.head.is_chunked(),
-        "an HTTP/1.0 client must not get chunked framing: {}",
-        s.head.describe()
-    );
+    assert_eq!(s.head.header("content-type"), Some("text/event-stream; charset=utf-8"));
+    assert!(!s.head.is_chunked(), "an HTTP/1.0 client must not get chunked framing: {}", s.head.describe());
     assert_eq!(s.head.header("content-length"), None);
     assert_eq!(s.next_item().unwrap(), Some(SseItem::Retry("2000".into())));
     assert_eq!(s.next_item().unwrap(), Some(SseItem::Comment("ok".into())));
@@ -288,13 +234,7 @@ fn stream_closed_without_reading_anything_is_removed() {
     let server = Server::start(&[]);
     {
         let mut conn = server.connect();
-        conn.send(
-            format!(
-                "GET {} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-                events_path(&["quiet"])
-            )
-            .as_bytes(),
-        );
+        conn.send(format!("GET {} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", events_path(&["quiet"])).as_bytes());
         server.wait_for_metric("ringcast_subscribers", Duration::from_secs(5), |v| v == 1.0);
     }
     server.wait_for_metric("ringcast_subscribers", Duration::from_secs(5), |v| v == 0.0);

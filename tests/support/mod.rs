@@ -78,27 +78,18 @@ impl Server {
         });
 
         // The guard exists before we wait, so a panic below still kills the child.
-        let mut server = Server {
-            child,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            pid,
-            stderr,
-            exit: None,
-        };
+        let mut server = Server { child, addr: "127.0.0.1:0".parse().unwrap(), pid, stderr, exit: None };
         let deadline = Instant::now() + START_TIMEOUT;
         let mut stdout_seen = Vec::new();
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("ringcast listening on ") {
-                        server.addr = rest.trim().parse().unwrap_or_else(|e| {
-                            panic!("unparsable listening address {rest:?}: {e}")
-                        });
-                        assert_eq!(
-                            server.addr.ip().to_string(),
-                            "127.0.0.1",
-                            "server printed {line:?}"
-                        );
+                        server.addr = rest
+                            .trim()
+                            .parse()
+                            .unwrap_or_else(|e| panic!("unparsable listening address {rest:?}: {e}"));
+                        assert_eq!(server.addr.ip().to_string(), "127.0.0.1", "server printed {line:?}");
                         assert_ne!(server.addr.port(), 0, "server printed port 0: {line:?}");
                         return server;
                     }
@@ -140,16 +131,8 @@ impl Server {
 
     /// Sends a signal by name (`TERM`, `INT`) with the `kill` utility.
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(
-            status.success(),
-            "kill -{name} {} failed: {status}",
-            self.pid
-        );
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.pid.to_string()).status().expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed: {status}", self.pid);
     }
 
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
@@ -172,19 +155,10 @@ impl Server {
 
     /// Resident set size of the server process from `/proc/PID/status`, in bytes.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .expect("read /proc/PID/status");
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .expect("VmRSS line");
-        let kib: u64 = line
-            .trim_start_matches("VmRSS:")
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .expect("VmRSS number");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).expect("read /proc/PID/status");
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS line");
+        let kib: u64 =
+            line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().expect("VmRSS number");
         kib * 1024
     }
 
@@ -197,8 +171,7 @@ impl Server {
     pub fn request(&self, raw: &[u8]) -> Response {
         let mut conn = self.connect();
         conn.send(raw);
-        conn.read_response()
-            .unwrap_or_else(|e| panic!("no response to {:?}: {e}", show(raw)))
+        conn.read_response().unwrap_or_else(|e| panic!("no response to {:?}: {e}", show(raw)))
     }
 
     /// `GET path` on a fresh connection.
@@ -216,12 +189,7 @@ impl Server {
     }
 
     /// Polls `/metrics` until `name` satisfies `pred` or `timeout` passes (then panics).
-    pub fn wait_for_metric(
-        &self,
-        name: &str,
-        timeout: Duration,
-        pred: impl Fn(f64) -> bool,
-    ) -> f64 {
+    pub fn wait_for_metric(&self, name: &str, timeout: Duration, pred: impl Fn(f64) -> bool) -> f64 {
         wait_for_metric(self.addr, name, timeout, pred)
     }
 
@@ -288,22 +256,16 @@ pub struct Conn {
 
 impl Conn {
     pub fn connect(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
-        Conn {
-            stream,
-            buf: Vec::new(),
-        }
+        Conn { stream, buf: Vec::new() }
     }
 
     /// Writes all of `bytes`; panics on error.
     pub fn send(&mut self, bytes: &[u8]) {
-        self.stream
-            .write_all(bytes)
-            .unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
+        self.stream.write_all(bytes).unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
     }
 
     /// Writes `bytes`, returning the error instead of panicking (for peers that may hang up).
@@ -344,10 +306,7 @@ impl Conn {
             if self.fill()? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "connection closed before a full response head; got {:?}",
-                        show(&self.buf)
-                    ),
+                    format!("connection closed before a full response head; got {:?}", show(&self.buf)),
                 ));
             }
         }
@@ -383,10 +342,7 @@ impl Conn {
             resp.body = body;
             resp.framing = Framing::Chunked;
         } else if let Some(len) = resp.header("content-length") {
-            let len: usize = len
-                .trim()
-                .parse()
-                .map_err(|_| invalid(format!("bad Content-Length {len:?}")))?;
+            let len: usize = len.trim().parse().map_err(|_| invalid(format!("bad Content-Length {len:?}")))?;
             while self.buf.len() < len {
                 if self.fill()? == 0 {
                     return Err(io::Error::new(
@@ -428,10 +384,7 @@ impl Conn {
     pub fn assert_closed(&mut self, what: &str) {
         match self.closed_by_peer() {
             Ok(true) => {}
-            Ok(false) => panic!(
-                "{what}: expected the server to close, got more bytes {:?}",
-                show(&self.buf)
-            ),
+            Ok(false) => panic!("{what}: expected the server to close, got more bytes {:?}", show(&self.buf)),
             Err(e) => panic!("{what}: expected the server to close, read failed: {e}"),
         }
     }
@@ -468,31 +421,21 @@ impl Response {
     /// The first header with this (case-insensitive) name.
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
     }
 
     /// Every header with this name.
     pub fn headers_named(&self, name: &str) -> Vec<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
+        self.headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v.as_str()).collect()
     }
 
     pub fn is_chunked(&self) -> bool {
-        self.headers_named("transfer-encoding")
-            .iter()
-            .any(|v| v.to_ascii_lowercase().contains("chunked"))
+        self.headers_named("transfer-encoding").iter().any(|v| v.to_ascii_lowercase().contains("chunked"))
     }
 
     pub fn body_str(&self) -> String {
-        String::from_utf8(self.body.clone())
-            .unwrap_or_else(|_| panic!("body is not UTF-8: {:?}", show(&self.body)))
+        String::from_utf8(self.body.clone()).unwrap_or_else(|_| panic!("body is not UTF-8: {:?}", show(&self.body)))
     }
 
     /// Asserts the status, printing the whole response on mismatch.
@@ -523,20 +466,13 @@ impl Response {
     }
 
     pub fn describe(&self) -> String {
-        format!(
-            "{} {} {} {:?} body {:?}",
-            self.version,
-            self.status,
-            self.reason,
-            self.headers,
-            show(&self.body)
-        )
+        format!("{} {} {} {:?} body {:?}", self.version, self.status, self.reason, self.headers, show(&self.body))
     }
 }
 
 fn parse_head(head: &[u8]) -> io::Result<Response> {
-    let text = std::str::from_utf8(head)
-        .map_err(|_| invalid(format!("response head is not UTF-8: {:?}", show(head))))?;
+    let text =
+        std::str::from_utf8(head).map_err(|_| invalid(format!("response head is not UTF-8: {:?}", show(head))))?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or("");
     let mut parts = status_line.splitn(3, ' ');
@@ -554,22 +490,13 @@ fn parse_head(head: &[u8]) -> io::Result<Response> {
         if line.is_empty() {
             continue;
         }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| invalid(format!("bad header line {line:?}")))?;
+        let (name, value) = line.split_once(':').ok_or_else(|| invalid(format!("bad header line {line:?}")))?;
         if name.is_empty() || name.contains(' ') {
             return Err(invalid(format!("bad header name in {line:?}")));
         }
         headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
     }
-    Ok(Response {
-        version,
-        status,
-        reason,
-        headers,
-        body: Vec::new(),
-        framing: Framing::HeadOnly,
-    })
+    Ok(Response { version, status, reason, headers, body: Vec::new(), framing: Framing::HeadOnly })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,19 +523,16 @@ impl ChunkDecoder {
         loop {
             let Some(line_end) = find(&self.buf[pos..], b"\r\n") else {
                 if self.buf.len() - pos > 1024 {
-                    return Err(format!(
-                        "chunk size line too long: {:?}",
-                        show(&self.buf[pos..pos + 64])
-                    ));
+                    return Err(format!("chunk size line too long: {:?}", show(&self.buf[pos..pos + 64])));
                 }
                 break;
             };
             let line = &self.buf[pos..pos + line_end];
-            let size_text = std::str::from_utf8(line)
-                .map_err(|_| format!("chunk size line not ASCII: {:?}", show(line)))?;
+            let size_text =
+                std::str::from_utf8(line).map_err(|_| format!("chunk size line not ASCII: {:?}", show(line)))?;
             let size_text = size_text.split(';').next().unwrap().trim();
-            let size = usize::from_str_radix(size_text, 16)
-                .map_err(|_| format!("bad chunk size line {:?}", show(line)))?;
+            let size =
+                usize::from_str_radix(size_text, 16).map_err(|_| format!("bad chunk size line {:?}", show(line)))?;
             let data_start = pos + line_end + 2;
             if size == 0 {
                 // Trailer section: zero or more header lines, then an empty line.
@@ -769,11 +693,7 @@ impl SseParser {
                 self.has_fields = true;
             }
             "retry" => out.push(SseItem::Retry(value.to_string())),
-            other => {
-                return Err(format!(
-                    "unexpected event-stream field {other:?} in {line:?}"
-                ))
-            }
+            other => return Err(format!("unexpected event-stream field {other:?} in {line:?}")),
         }
         Ok(())
     }
@@ -801,15 +721,14 @@ pub struct SseStream {
     ended: bool,
     /// Set when the connection closed (EOF or reset) without the terminal chunk.
     unclean_end: bool,
+    /// Whether chunks are fed to the event parser (off for bulk readers that check raw chunks).
+    parse: bool,
 }
 
 impl SseStream {
     /// Sends `GET path` (HTTP/1.1) and reads the response head; does not check the status.
     pub fn open(addr: SocketAddr, path: &str) -> io::Result<SseStream> {
-        Self::open_with(
-            addr,
-            &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"),
-        )
+        Self::open_with(addr, &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"))
     }
 
     /// Sends an arbitrary request and reads the head; the body is treated as an event stream.
@@ -822,11 +741,7 @@ impl SseStream {
     /// Reads a stream response from a connection whose request was already sent (pipelining).
     pub fn read_from(mut conn: Conn) -> io::Result<SseStream> {
         let head = conn.read_head()?;
-        let mode = if head.is_chunked() {
-            BodyMode::Chunked(ChunkDecoder::default())
-        } else {
-            BodyMode::Raw
-        };
+        let mode = if head.is_chunked() { BodyMode::Chunked(ChunkDecoder::default()) } else { BodyMode::Raw };
         let mut stream = SseStream {
             conn,
             head,
@@ -836,6 +751,7 @@ impl SseStream {
             items: VecDeque::new(),
             ended: false,
             unclean_end: false,
+            parse: true,
         };
         let buffered = stream.conn.take_buffered();
         stream.feed(&buffered)?;
@@ -848,20 +764,12 @@ impl SseStream {
         let path = events_path(topics);
         let mut s = SseStream::open(addr, &path).unwrap_or_else(|e| panic!("open {path}: {e}"));
         s.head.assert_status(200, &path);
-        assert!(
-            s.head.is_chunked(),
-            "{path}: stream is not chunked: {:?}",
-            s.head
-        );
+        assert!(s.head.is_chunked(), "{path}: stream is not chunked: {:?}", s.head);
         let first = s
             .next_chunk()
             .unwrap_or_else(|e| panic!("{path}: no opening chunk: {e}"))
             .unwrap_or_else(|| panic!("{path}: stream ended before the opening chunk"));
-        assert!(
-            first.starts_with(b"retry:"),
-            "{path}: opening chunk {:?} does not start with retry:",
-            show(&first)
-        );
+        assert!(first.starts_with(b"retry:"), "{path}: opening chunk {:?} does not start with retry:", show(&first));
         s
     }
 
@@ -888,8 +796,10 @@ impl SseStream {
     pub fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
         loop {
             if let Some(chunk) = self.chunks.pop_front() {
-                let items = self.parser.push(&chunk).map_err(invalid)?;
-                self.items.extend(items);
+                if self.parse {
+                    let items = self.parser.push(&chunk).map_err(invalid)?;
+                    self.items.extend(items);
+                }
                 return Ok(Some(chunk));
             }
             if self.ended {
@@ -936,10 +846,7 @@ impl SseStream {
                 Some(SseItem::Event(ev)) => return Ok(ev),
                 Some(_) => {}
                 None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "stream ended while waiting for an event",
-                    ))
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended while waiting for an event"))
                 }
             }
         }
@@ -947,8 +854,7 @@ impl SseStream {
 
     /// `next_event` that panics with context on error.
     pub fn expect_event(&mut self, what: &str) -> SseEvent {
-        self.next_event()
-            .unwrap_or_else(|e| panic!("{what}: no event: {e}"))
+        self.next_event().unwrap_or_else(|e| panic!("{what}: no event: {e}"))
     }
 
     /// Reads the next chunk, skipping heartbeat chunks (`:\n`); panics on end or error.
@@ -961,6 +867,12 @@ impl SseStream {
                 Err(e) => panic!("{what}: read failed: {e}"),
             }
         }
+    }
+
+    /// Stops feeding chunks to the event parser; only `next_chunk` is meaningful afterwards.
+    pub fn without_parsing(mut self) -> SseStream {
+        self.parse = false;
+        self
     }
 
     pub fn ended(&self) -> bool {
@@ -990,10 +902,7 @@ pub fn events_path(topics: &[&str]) -> String {
 
 /// Builds a `POST` request with a Content-Length body.
 pub fn post_request(path: &str, content_type: Option<&str>, body: &[u8]) -> Vec<u8> {
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    let mut req = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n", body.len());
     if let Some(ct) = content_type {
         req.push_str(&format!("Content-Type: {ct}\r\n"));
     }
@@ -1012,23 +921,16 @@ pub fn publish(addr: SocketAddr, topic: &str, data: &str) -> String {
 }
 
 /// One publish request on a fresh connection; returns the response unchecked.
-pub fn publish_request(
-    addr: SocketAddr,
-    path: &str,
-    content_type: Option<&str>,
-    body: &[u8],
-) -> Response {
+pub fn publish_request(addr: SocketAddr, path: &str, content_type: Option<&str>, body: &[u8]) -> Response {
     let mut conn = Conn::connect(addr);
     conn.send(&post_request(path, content_type, body));
-    conn.read_response()
-        .unwrap_or_else(|e| panic!("publish {path}: no response: {e}"))
+    conn.read_response().unwrap_or_else(|e| panic!("publish {path}: no response: {e}"))
 }
 
 /// Extracts the id from a publish answer `{"id":"<ms>-<seq>"}` and checks its shape.
 pub fn publish_id(resp: &Response) -> String {
     let body = resp.body_str();
-    let id = json_string_field(&body, "id")
-        .unwrap_or_else(|| panic!("publish answer has no \"id\" string: {body:?}"));
+    let id = json_string_field(&body, "id").unwrap_or_else(|| panic!("publish answer has no \"id\" string: {body:?}"));
     parse_id(&id);
     id
 }
@@ -1045,15 +947,9 @@ pub fn json_string_field(json: &str, key: &str) -> Option<String> {
 
 /// Parses an event id `<unix-ms>-<seq>` into a pair that orders like the ids.
 pub fn parse_id(id: &str) -> (u64, u64) {
-    let (ms, seq) = id
-        .split_once('-')
-        .unwrap_or_else(|| panic!("event id {id:?} is not <ms>-<seq>"));
-    let ms: u64 = ms
-        .parse()
-        .unwrap_or_else(|_| panic!("event id {id:?}: bad ms"));
-    let seq: u64 = seq
-        .parse()
-        .unwrap_or_else(|_| panic!("event id {id:?}: bad seq"));
+    let (ms, seq) = id.split_once('-').unwrap_or_else(|| panic!("event id {id:?} is not <ms>-<seq>"));
+    let ms: u64 = ms.parse().unwrap_or_else(|_| panic!("event id {id:?}: bad ms"));
+    let seq: u64 = seq.parse().unwrap_or_else(|_| panic!("event id {id:?}: bad seq"));
     (ms, seq)
 }
 
@@ -1061,9 +957,7 @@ pub fn parse_id(id: &str) -> (u64, u64) {
 pub fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
     let mut conn = Conn::connect(addr);
     conn.send(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-    let resp = conn
-        .read_response()
-        .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+    let resp = conn.read_response().unwrap_or_else(|e| panic!("GET /metrics: {e}"));
     resp.assert_status(200, "GET /metrics");
     parse_metrics(&resp.body_str())
 }
@@ -1082,9 +976,7 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
         let value: f64 = match value {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
-            v => v
-                .parse()
-                .unwrap_or_else(|_| panic!("bad metric value in {line:?}")),
+            v => v.parse().unwrap_or_else(|_| panic!("bad metric value in {line:?}")),
         };
         out.insert(name.to_string(), value);
     }
@@ -1093,17 +985,11 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
 
 /// The value of one metric; panics if it is missing.
 pub fn metric(map: &HashMap<String, f64>, name: &str) -> f64 {
-    *map.get(name)
-        .unwrap_or_else(|| panic!("metric {name} missing; have {:?}", map.keys()))
+    *map.get(name).unwrap_or_else(|| panic!("metric {name} missing; have {:?}", map.keys()))
 }
 
 /// Polls `/metrics` until `name` satisfies `pred` or `timeout` passes (then panics).
-pub fn wait_for_metric(
-    addr: SocketAddr,
-    name: &str,
-    timeout: Duration,
-    pred: impl Fn(f64) -> bool,
-) -> f64 {
+pub fn wait_for_metric(addr: SocketAddr, name: &str, timeout: Duration, pred: impl Fn(f64) -> bool) -> f64 {
     let deadline = Instant::now() + timeout;
     loop {
         let value = metric(&metrics(addr), name);

@@ -1,0 +1,102 @@
+//! The core stream/publish behaviour under each I/O driver: `--driver epoll`, `uring`, `auto`.
+
+mod support;
+
+use std::time::Duration;
+use support::{parse_id, post_request, publish_id, Server, SseStream};
+
+/// True when the kernel refuses io_uring to this process (`kernel.io_uring_disabled=2`).
+fn uring_disabled() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").map(|s| s.trim() == "2").unwrap_or(false)
+}
+
+fn core_checks(driver: &str) {
+    let server = Server::start(&["--driver", driver, "--cores", "2"]);
+    let what = |s: &str| format!("--driver {driver}: {s}");
+
+    // Stream head and opening chunk.
+    let mut s = SseStream::open(server.addr, "/events?topic=d1&topic=d2").expect("open");
+    s.head.assert_status(200, &what("stream"));
+    assert_eq!(s.head.header("content-type"), Some("text/event-stream; charset=utf-8"));
+    assert!(s.head.is_chunked());
+    let first = s.next_chunk().unwrap().expect("opening chunk");
+    assert_eq!(first, b"retry: 2000\n:ok\n", "{}", what("opening chunk"));
+
+    // Multi-line, named event.
+    let resp =
+        support::publish_request(server.addr, "/publish?topic=d1&event=note", Some("text/plain"), b"a\r\nb\rc\nd");
+    resp.assert_status(200, &what("publish"));
+    let id = publish_id(&resp);
+    let chunk = String::from_utf8(s.expect_chunk(&what("event"))).unwrap();
+    assert_eq!(chunk, format!("id: {id}\nevent: note\ndata: a\ndata: b\ndata: c\ndata: d\n\n"));
+
+    // One publish to both subscribed topics arrives once.
+    let resp = support::publish_request(server.addr, "/publish?topic=d1&topic=d2", Some("text/plain"), b"both");
+    let both = publish_id(&resp);
+    let marker = server.publish("d2", "marker");
+    assert_eq!(s.expect_event(&what("both")).id.as_deref(), Some(both.as_str()));
+    assert_eq!(s.expect_event(&what("marker")).id.as_deref(), Some(marker.as_str()));
+
+    // Three pipelined publishes answered in order; the stream sees them in order.
+    let mut batch = Vec::new();
+    for i in 0..3 {
+        batch.extend_from_slice(&post_request(
+            "/publish?topic=d2",
+            Some("application/json"),
+            format!(r#"{{"topic":"d2","data":{{"n":{i}}}}}"#).as_bytes(),
+        ));
+    }
+    let mut conn = server.connect();
+    conn.send(&batch);
+    let ids: Vec<String> = (0..3)
+        .map(|i| {
+            let r = conn.read_response().unwrap();
+            r.assert_status(200, &what(&format!("pipelined {i}")));
+            publish_id(&r)
+        })
+        .collect();
+    assert!(parse_id(&ids[0]) < parse_id(&ids[1]) && parse_id(&ids[1]) < parse_id(&ids[2]));
+    for (i, id) in ids.iter().enumerate() {
+        let ev = s.expect_event(&what("pipelined event"));
+        assert_eq!(ev.id.as_deref(), Some(id.as_str()));
+        assert_eq!(ev.data, format!(r#"{{"n":{i}}}"#));
+    }
+
+    // An error answer closes its connection and leaves the stream working.
+    let resp = server.get("/nope");
+    resp.assert_status(404, &what("404"));
+    resp.assert_content_length(&what("404"));
+    let after = server.publish("d1", "after error");
+    assert_eq!(s.expect_event(&what("after error")).id.as_deref(), Some(after.as_str()));
+
+    // Many streams spread across both cores all receive an event.
+    let mut many: Vec<SseStream> = (0..20).map(|_| server.subscribe(&["wide"])).collect();
+    let wide = server.publish("wide", "to all");
+    for (i, m) in many.iter_mut().enumerate() {
+        assert_eq!(m.expect_event(&what(&format!("wide {i}"))).id.as_deref(), Some(wide.as_str()));
+    }
+
+    // Closing streams removes them.
+    drop(many);
+    drop(s);
+    server.wait_for_metric("ringcast_subscribers", Duration::from_secs(10), |v| v == 0.0);
+}
+
+#[test]
+fn epoll_driver() {
+    core_checks("epoll");
+}
+
+#[test]
+fn uring_driver() {
+    if uring_disabled() {
+        eprintln!("SKIPPED: kernel.io_uring_disabled=2; --driver uring cannot run here");
+        return;
+    }
+    core_checks("uring");
+}
+
+#[test]
+fn auto_driver() {
+    core_checks("auto");
+}
