@@ -1,15 +1,19 @@
 //! The broker thread: assigns event ids, encodes each frame once, hands it to every core.
 
+use crate::history::{Gap, History, Replay, ReplayFrom};
+use crate::hub::StreamKey;
 use crate::mailbox::MailboxSender;
 use crate::metrics::Shared;
-use crate::sse::{encode_event, EventId, Frame};
-use crossbeam_channel::Receiver;
+use crate::sse::{encode_event, encode_notice, EventId, Frame};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Messages handled per wake-up before the cores are notified (bounds added latency).
 const BATCH: usize = 256;
+/// How often retained events are checked against --history-ttl.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 
 /// A validated publish, built by the core that parsed the request.
 #[derive(Debug)]
@@ -26,6 +30,14 @@ pub enum BrokerMsg {
         ticket: usize,
         publish: Publish,
     },
+    /// A new stream on core `core` waits (not yet live) for what it missed.
+    Replay {
+        core: usize,
+        key: StreamKey,
+        topics: Vec<Box<str>>,
+        from: ReplayFrom,
+        end_marker: bool,
+    },
     Shutdown,
 }
 
@@ -39,7 +51,15 @@ pub struct Event {
 
 pub enum CoreMsg {
     Event(Arc<Event>),
-    Published { ticket: usize, id: EventId },
+    Published {
+        ticket: usize,
+        id: EventId,
+    },
+    /// Frames for one stream, then it goes live (see `Hub::replay`).
+    Replay {
+        key: StreamKey,
+        frames: Vec<Frame>,
+    },
     Shutdown,
 }
 
@@ -60,22 +80,41 @@ impl IdClock {
     }
 
     pub fn next_id(&mut self) -> EventId {
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        self.next_at(now_ms)
+        self.next_at(now_ms())
     }
+
+    pub fn last(&self) -> EventId {
+        self.last
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 pub struct Broker {
     pub rx: Receiver<BrokerMsg>,
     pub cores: Vec<MailboxSender<CoreMsg>>,
     pub shared: Arc<Shared>,
+    pub history: History,
 }
 
 impl Broker {
-    pub fn run(self) {
+    pub fn run(mut self) {
         let mut clock = IdClock::default();
-        while let Ok(first) = self.rx.recv() {
-            let mut next = Some(first);
+        let mut next_expiry = Instant::now() + EXPIRE_EVERY;
+        loop {
+            let first = match self.rx.recv_timeout(EXPIRE_EVERY) {
+                Ok(msg) => Some(msg),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            if Instant::now() >= next_expiry {
+                self.history.expire(now_ms());
+                self.shared.retained_events.store(self.history.retained(), Ordering::Relaxed);
+                next_expiry = Instant::now() + EXPIRE_EVERY;
+            }
+            let mut next = first;
             let mut handled = 0;
             while let Some(msg) = next {
                 match msg {
@@ -83,11 +122,17 @@ impl Broker {
                         let id = clock.next_id();
                         let frame = encode_event(id, publish.event.as_deref(), &publish.data);
                         let event = Arc::new(Event { id, topics: publish.topics.into_boxed_slice(), frame });
+                        self.history.record(&event);
                         for mailbox in &self.cores {
                             let _ = mailbox.push(CoreMsg::Event(event.clone()));
                         }
                         let _ = self.cores[core].push(CoreMsg::Published { ticket, id });
                         self.shared.events_published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    BrokerMsg::Replay { core, key, topics, from, end_marker } => {
+                        let replay = self.history.replay(&topics, &from, clock.last(), now_ms());
+                        let frames = replay_frames(replay, &from, end_marker);
+                        let _ = self.cores[core].push(CoreMsg::Replay { key, frames });
                     }
                     BrokerMsg::Shutdown => {
                         self.notify_all();
@@ -106,6 +151,31 @@ impl Broker {
             mailbox.notify();
         }
     }
+}
+
+/// The gap notice, the replayed events (their original frames, ids included), the end marker.
+fn replay_frames(replay: Replay, from: &ReplayFrom, end_marker: bool) -> Vec<Frame> {
+    let mut frames = Vec::with_capacity(replay.events.len() + 2);
+    if let Some(Gap { topics, oldest }) = &replay.gap {
+        let last_event_id = match from {
+            ReplayFrom::After(id) => serde_json::Value::String(id.to_string()),
+            ReplayFrom::Unknown(text) => serde_json::Value::String(text.clone()),
+            _ => serde_json::Value::Null,
+        };
+        let data = serde_json::json!({
+            "lastEventId": last_event_id,
+            "topics": topics,
+            "oldestRetained": oldest.map(|id| id.to_string()),
+        });
+        frames.push(encode_notice("ringcast-gap", &data.to_string()));
+    }
+    let last = replay.events.last().map(|e| e.id.to_string());
+    frames.extend(replay.events.iter().map(|e| e.frame.clone()));
+    if end_marker {
+        let data = serde_json::json!({ "lastEventId": last });
+        frames.push(encode_notice("ringcast-history-end", &data.to_string()));
+    }
+    frames
 }
 
 #[cfg(test)]

@@ -62,6 +62,14 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_MAX_QUEUED_BYTES", default_value_t = 1 << 20)]
     pub max_queued_bytes: usize,
 
+    /// Events retained per topic for resume and `?history=N` (0 disables history).
+    #[arg(long, env = "RINGCAST_HISTORY", default_value_t = 1000)]
+    pub history: usize,
+
+    /// Retained events older than this are dropped (0 disables history).
+    #[arg(long, env = "RINGCAST_HISTORY_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+
     /// Longest SIGTERM/SIGINT drain before the process exits anyway.
     #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,

@@ -1,6 +1,7 @@
 //! One connection: read requests (pipelined, keep-alive), route them, or become an event stream.
 
 use crate::frames::FrameBatch;
+use crate::history::ReplayFrom;
 use crate::http::{
     parse_request, put_chunk, write_response, write_stream_head, BodyKind, ChunkedDecoder, HttpError, Method, Request,
 };
@@ -255,14 +256,32 @@ async fn read_body(
 
 /// Turns the connection into an event stream until the client leaves, is too slow, or drain.
 async fn stream_events(worker: Rc<Worker>, mut stream: TcpStream, req: Request, mut out: Vec<u8>) {
-    let names: Vec<String> = form_urlencoded::parse(req.query.as_bytes())
-        .filter(|(k, _)| k == "topic")
-        .map(|(_, v)| v.into_owned())
-        .collect();
+    let mut names: Vec<String> = Vec::new();
+    let mut query_resume = None;
+    let mut history = 0usize;
+    let mut end_marker = false;
+    for (k, v) in form_urlencoded::parse(req.query.as_bytes()) {
+        match &*k {
+            "topic" => names.push(v.into_owned()),
+            "lastEventId" => query_resume = Some(v.into_owned()),
+            // A malformed count is no reason to refuse a stream: it means no history.
+            "history" => history = v.parse().unwrap_or(0),
+            "history-end" => end_marker = v == "1" || v == "true",
+            _ => {}
+        }
+    }
     let topics = match validate_topics(names.iter().map(String::as_str), worker.cfg.max_topics) {
         Ok(t) => t,
         Err(e) => return fail(&mut stream, &mut out, e).await,
     };
+    // The header is what EventSource sends on reconnect, newer than the page's query value.
+    let resume = req.last_event_id.clone().filter(|s| !s.is_empty()).or(query_resume.filter(|s| !s.is_empty()));
+    let from = match resume {
+        Some(text) => text.parse().map_or(ReplayFrom::Unknown(text), ReplayFrom::After),
+        None if history > 0 => ReplayFrom::Last(history.min(worker.cfg.history)),
+        None => ReplayFrom::Live,
+    };
+    let live = from == ReplayFrom::Live && !end_marker;
     let chunked = req.http11;
     // Pipelined answers, the stream head and the opening lines leave in one write.
     write_stream_head(&mut out, chunked);
@@ -270,7 +289,10 @@ async fn stream_events(worker: Rc<Worker>, mut stream: TcpStream, req: Request, 
     let first = Bytes::from(out);
 
     let fd = stream.as_raw_fd();
-    let key = worker.hub.borrow_mut().subscribe(&topics, fd, chunked, first, worker.stats());
+    let key = worker.hub.borrow_mut().subscribe(&topics, fd, chunked, live, first, worker.stats());
+    if !live {
+        worker.request_replay(key, topics, from, end_marker);
+    }
     let (rd, wr) = stream.into_split();
     monoio::spawn(CatchUnwind(watch_close(worker.clone(), rd, key)));
     let mut writer = StreamWriter { worker, key, wr };

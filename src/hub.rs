@@ -36,6 +36,10 @@ pub struct Subscriber {
     topics: Vec<(Rc<str>, usize)>,
     fd: RawFd,
     chunked: bool,
+    /// False while a replay is on its way from the broker: live events that reach this core
+    /// before the replay are part of it (the broker handles messages in order), so they are
+    /// skipped here; that is what keeps the hand-over free of gaps and duplicates.
+    live: bool,
 }
 
 /// Identifies one stream: slab key plus the id that guards against key reuse.
@@ -101,11 +105,13 @@ impl Hub {
     }
 
     /// Adds a stream; `first` is queued before any event (the opening `retry:` and comment).
+    /// A stream that is not `live` gets events only after `replay`.
     pub fn subscribe(
         &mut self,
         topics: &[Box<str>],
         fd: RawFd,
         chunked: bool,
+        live: bool,
         first: Bytes,
         stats: &CoreStats,
     ) -> StreamKey {
@@ -134,6 +140,7 @@ impl Hub {
             topics: slots,
             fd,
             chunked,
+            live,
         });
         self.publish_counts(stats);
         StreamKey { key, id }
@@ -177,6 +184,9 @@ impl Hub {
         let (mut delivered, mut dropped) = (0u64, 0u64);
         for &key in scratch.iter() {
             let sub = &mut subs[key];
+            if !sub.live {
+                continue;
+            }
             let bytes = if sub.chunked { frame.chunk().clone() } else { frame.body() };
             if sub.enqueue(bytes, *max_queued) {
                 dropped += 1;
@@ -188,6 +198,21 @@ impl Hub {
         if dropped > 0 {
             stats.slow_disconnects.fetch_add(dropped, Ordering::Relaxed);
         }
+    }
+
+    /// Queues what the broker replayed for a stream and makes it live. Replayed bytes are
+    /// bounded by the history, not by --max-queued-bytes (a resume must not look like a slow
+    /// consumer), so they are queued without counting against that bound.
+    pub fn replay(&mut self, sk: StreamKey, frames: &[Frame]) {
+        let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { return };
+        sub.live = true;
+        if sub.state != StreamState::Open {
+            return;
+        }
+        for frame in frames {
+            sub.queue.push_back(frame.for_stream(sub.chunked));
+        }
+        sub.wake();
     }
 
     /// Queues the shared heartbeat comment on every open stream.

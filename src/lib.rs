@@ -12,12 +12,14 @@
 //! - `frames`   zero-copy vectored writes of shared frames (`FrameBatch`)
 //! - `mailbox`  broker -> core channel with a coalesced cross-thread wake-up
 //! - `broker`   the broker thread: event ids, encoding, fan-out to cores
+//! - `history`  retained events per topic: resume after an id, last N, the gap signal
 //! - `metrics`  process-wide counters and `/metrics` text
 
 pub mod broker;
 pub mod config;
 pub mod conn;
 pub mod frames;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod mailbox;

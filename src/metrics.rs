@@ -18,6 +18,8 @@ pub struct Shared {
     pub connections: AtomicUsize,
     pub max_connections: usize,
     pub events_published: AtomicU64,
+    /// Written by the broker once a second.
+    pub retained_events: AtomicUsize,
     pub cores: Vec<CoreStats>,
 }
 
@@ -27,6 +29,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             max_connections,
             events_published: AtomicU64::new(0),
+            retained_events: AtomicUsize::new(0),
             cores: (0..cores).map(|_| CoreStats::default()).collect(),
         }
     }
@@ -56,6 +59,12 @@ impl Shared {
             "counter",
             "Events published.",
             self.events_published.load(Ordering::Relaxed),
+        );
+        metric(
+            "ringcast_history_events",
+            "gauge",
+            "Events retained for resume (each shared by its topics).",
+            self.retained_events.load(Ordering::Relaxed) as u64,
         );
         metric(
             "ringcast_frames_queued_total",

@@ -1,7 +1,8 @@
 //! Start-up and shutdown: broker and core threads, the listening address, signals, drain.
 
-use crate::broker::{Broker, BrokerMsg, CoreMsg};
+use crate::broker::{Broker, BrokerMsg, CoreMsg, IdClock};
 use crate::config::Config;
+use crate::history::History;
 use crate::mailbox::{mailbox, MailboxSender};
 use crate::metrics::Shared;
 use crate::worker::{spawn_core, CoreStart};
@@ -26,7 +27,9 @@ pub fn run(cfg: Config) -> io::Result<()> {
 
     let (broker_tx, broker_rx) = crossbeam_channel::bounded(BROKER_QUEUE);
     let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();
-    let broker = Broker { rx: broker_rx, cores: senders.clone(), shared: shared.clone() };
+    let first_id = IdClock::default().next_id();
+    let history = History::new(cfg.history, cfg.history_ttl.as_millis() as u64, first_id);
+    let broker = Broker { rx: broker_rx, cores: senders.clone(), shared: shared.clone(), history };
     let broker_thread = std::thread::Builder::new().name("ringcast-broker".into()).spawn(move || broker.run())?;
 
     // Core 0 binds first so that port 0 resolves to one port that the other cores share.

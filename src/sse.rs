@@ -144,6 +144,12 @@ pub fn encode_event(id: EventId, event: Option<&str>, data: &str) -> Frame {
     Frame { chunk: out.freeze(), body_start }
 }
 
+/// A server notice (`ringcast-gap`, `ringcast-history-end`): a named event without an id, so
+/// the client's last event id stays that of the last real event.
+pub fn encode_notice(name: &str, json: &str) -> Frame {
+    Frame::from_sse(format!("event: {name}\ndata: {json}\n\n").as_bytes())
+}
+
 /// A `retry:` line (milliseconds) not closed by a blank line, so no client sees an empty event.
 pub fn retry_frame(millis: u64) -> Frame {
     Frame::from_sse(format!("retry: {millis}\n").as_bytes())

@@ -4,11 +4,12 @@
 use crate::broker::{BrokerMsg, CoreMsg, Publish};
 use crate::config::{Config, DriverChoice};
 use crate::conn;
+use crate::history::ReplayFrom;
 use crate::http::HttpError;
-use crate::hub::Hub;
+use crate::hub::{Hub, StreamKey};
 use crate::mailbox::MailboxReceiver;
 use crate::metrics::{CoreStats, Shared};
-use crate::sse::{retry_frame, EventId};
+use crate::sse::{encode_notice, retry_frame, EventId};
 use monoio::io::Canceller;
 use monoio::net::{ListenerOpts, TcpListener};
 use monoio::time::{Instant, MissedTickBehavior, TimeDriver};
@@ -77,6 +78,16 @@ impl Worker {
             return Err(HttpError::Unavailable);
         }
         AckWait { worker: self, ticket, done: false }.await
+    }
+
+    /// Asks the broker for what a new (not yet live) stream missed. If the broker is saturated
+    /// the stream goes live at once behind a gap notice, so the client knows to re-sync.
+    pub fn request_replay(&self, key: StreamKey, topics: Vec<Box<str>>, from: ReplayFrom, end_marker: bool) {
+        let msg = BrokerMsg::Replay { core: self.index, key, topics, from, end_marker };
+        if self.broker.try_send(msg).is_err() {
+            let notice = encode_notice("ringcast-gap", r#"{"reason":"busy"}"#);
+            self.hub.borrow_mut().replay(key, &[notice]);
+        }
     }
 
     fn complete(&self, ticket: usize, id: EventId) {
@@ -233,6 +244,7 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
             match msg {
                 CoreMsg::Event(event) => worker.hub.borrow_mut().publish(&event, worker.stats()),
                 CoreMsg::Published { ticket, id } => worker.complete(ticket, id),
+                CoreMsg::Replay { key, frames } => worker.hub.borrow_mut().replay(key, &frames),
                 CoreMsg::Shutdown => break 'mailbox,
             }
             budget -= 1;

@@ -1,0 +1,229 @@
+//! Retained events per topic (owned by the broker thread): resume after an id, replay the
+//! last N, and tell a client when it cannot be vouched for (the gap signal).
+
+use crate::broker::Event;
+use crate::sse::EventId;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// Where a new stream starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// Live events only.
+    Live,
+    /// Resume: every retained event after this id (`Last-Event-ID` / `lastEventId`).
+    After(EventId),
+    /// A resume id that cannot be parsed: a gap, then everything retained.
+    Unknown(String),
+    /// `?history=N`: the last N events across the stream's topics.
+    Last(usize),
+}
+
+#[derive(Default)]
+struct TopicHistory {
+    events: VecDeque<Arc<Event>>,
+    /// Newest id dropped from this topic; a resume from before it has missed events.
+    evicted_upto: Option<EventId>,
+}
+
+/// What a stream receives before going live.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Topics whose history cannot vouch for the client's id, with the oldest id still held.
+    pub gap: Option<Gap>,
+    pub events: Vec<Arc<Event>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Gap {
+    pub topics: Vec<Box<str>>,
+    pub oldest: Option<EventId>,
+}
+
+pub struct History {
+    topics: HashMap<Box<str>, TopicHistory>,
+    max_per_topic: usize,
+    ttl_ms: u64,
+    /// Ids before this were issued by an earlier process (or never): nothing is known of them.
+    first_id: EventId,
+}
+
+impl History {
+    pub fn new(max_per_topic: usize, ttl_ms: u64, first_id: EventId) -> Self {
+        History { topics: HashMap::new(), max_per_topic, ttl_ms, first_id }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max_per_topic > 0 && self.ttl_ms > 0
+    }
+
+    /// Retains a new event on each of its topics, evicting the oldest past the per-topic bound.
+    pub fn record(&mut self, event: &Arc<Event>) {
+        if !self.enabled() {
+            return;
+        }
+        for topic in event.topics.iter() {
+            let entry = match self.topics.get_mut(&**topic) {
+                Some(entry) => entry,
+                None => self.topics.entry(topic.clone()).or_default(),
+            };
+            entry.events.push_back(event.clone());
+            if entry.events.len() > self.max_per_topic {
+                let old = entry.events.pop_front().map(|e| e.id);
+                entry.evicted_upto = old.max(entry.evicted_upto);
+            }
+        }
+    }
+
+    /// Drops events older than the TTL; a topic left with no events is forgotten entirely.
+    pub fn expire(&mut self, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(self.ttl_ms);
+        self.topics.retain(|_, entry| {
+            while entry.events.front().is_some_and(|e| e.id.ms < horizon) {
+                let old = entry.events.pop_front().map(|e| e.id);
+                entry.evicted_upto = old.max(entry.evicted_upto);
+            }
+            !entry.events.is_empty()
+        });
+    }
+
+    /// Retained events (shared, not copied), summed over topics.
+    pub fn retained(&self) -> usize {
+        self.topics.values().map(|t| t.events.len()).sum()
+    }
+
+    /// What a stream on `topics` gets before live events. `last_issued` is the newest id so far.
+    pub fn replay(&self, topics: &[Box<str>], from: &ReplayFrom, last_issued: EventId, now_ms: u64) -> Replay {
+        match from {
+            ReplayFrom::Live => Replay::default(),
+            ReplayFrom::Last(n) => {
+                let mut events = self.collect(topics, |entry| {
+                    let len = entry.events.len();
+                    len.saturating_sub(*n)..len
+                });
+                let skip = events.len().saturating_sub(*n);
+                events.drain(..skip);
+                Replay { gap: None, events }
+            }
+            ReplayFrom::Unknown(_) => self.with_gap(topics.to_vec(), topics),
+            ReplayFrom::After(id) => {
+                if !self.enabled() || *id < self.first_id || *id > last_issued {
+                    return self.with_gap(topics.to_vec(), topics);
+                }
+                let horizon = now_ms.saturating_sub(self.ttl_ms);
+                let gap_topics: Vec<Box<str>> = topics
+                    .iter()
+                    .filter(|t| match self.topics.get(&***t) {
+                        Some(entry) => entry.evicted_upto.is_some_and(|e| e > *id),
+                        // Forgotten topics held only events older than the TTL horizon.
+                        None => id.ms < horizon,
+                    })
+                    .cloned()
+                    .collect();
+                let events = self.collect(topics, |entry| {
+                    let start = entry.events.partition_point(|e| e.id <= *id);
+                    start..entry.events.len()
+                });
+                let gap =
+                    (!gap_topics.is_empty()).then(|| Gap { oldest: self.oldest(&gap_topics), topics: gap_topics });
+                Replay { gap, events }
+            }
+        }
+    }
+
+    fn with_gap(&self, gap_topics: Vec<Box<str>>, topics: &[Box<str>]) -> Replay {
+        let events = self.collect(topics, |entry| 0..entry.events.len());
+        Replay { gap: Some(Gap { oldest: self.oldest(&gap_topics), topics: gap_topics }), events }
+    }
+
+    fn oldest(&self, topics: &[Box<str>]) -> Option<EventId> {
+        topics.iter().filter_map(|t| self.topics.get(&**t)?.events.front().map(|e| e.id)).min()
+    }
+
+    /// The selected range of each topic, merged in id order; an event on several topics once.
+    fn collect(&self, topics: &[Box<str>], range: impl Fn(&TopicHistory) -> std::ops::Range<usize>) -> Vec<Arc<Event>> {
+        let mut events: Vec<Arc<Event>> = Vec::new();
+        for topic in topics {
+            if let Some(entry) = self.topics.get(&**topic) {
+                events.extend(entry.events.range(range(entry)).cloned());
+            }
+        }
+        if topics.len() > 1 {
+            events.sort_unstable_by_key(|e| e.id);
+            events.dedup_by_key(|e| e.id);
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::encode_event;
+
+    fn ev(ms: u64, topics: &[&str]) -> Arc<Event> {
+        let id = EventId { ms, seq: 0 };
+        Arc::new(Event {
+            id,
+            topics: topics.iter().map(|t| Box::<str>::from(*t)).collect(),
+            frame: encode_event(id, None, "x"),
+        })
+    }
+
+    fn ids(r: &Replay) -> Vec<u64> {
+        r.events.iter().map(|e| e.id.ms).collect()
+    }
+
+    fn t(names: &[&str]) -> Vec<Box<str>> {
+        names.iter().map(|n| Box::<str>::from(*n)).collect()
+    }
+
+    #[test]
+    fn resume_merges_topics_in_order_once() {
+        let mut h = History::new(10, 3_600_000, EventId { ms: 1, seq: 0 });
+        for e in [ev(1, &["a"]), ev(2, &["b"]), ev(3, &["a", "b"]), ev(4, &["a"])] {
+            h.record(&e);
+        }
+        let last = EventId { ms: 4, seq: 0 };
+        let r = h.replay(&t(&["a", "b"]), &ReplayFrom::After(EventId { ms: 1, seq: 0 }), last, 5);
+        assert_eq!(ids(&r), vec![2, 3, 4]);
+        assert!(r.gap.is_none());
+        let r = h.replay(&t(&["b"]), &ReplayFrom::After(last), last, 5);
+        assert!(r.events.is_empty() && r.gap.is_none());
+    }
+
+    #[test]
+    fn eviction_unknown_and_restart_ids_signal_a_gap() {
+        let mut h = History::new(2, 3_600_000, EventId { ms: 10, seq: 0 });
+        for ms in 10..15 {
+            h.record(&ev(ms, &["a"]));
+        }
+        let last = EventId { ms: 14, seq: 0 };
+        let r = h.replay(&t(&["a"]), &ReplayFrom::After(EventId { ms: 11, seq: 0 }), last, 20);
+        assert_eq!(r.gap, Some(Gap { topics: t(&["a"]), oldest: Some(EventId { ms: 13, seq: 0 }) }));
+        assert_eq!(ids(&r), vec![13, 14]);
+        let r = h.replay(&t(&["a"]), &ReplayFrom::After(EventId { ms: 5, seq: 0 }), last, 20);
+        assert!(r.gap.is_some(), "id from before this process");
+        let r = h.replay(&t(&["a"]), &ReplayFrom::Unknown("junk".into()), last, 20);
+        assert!(r.gap.is_some());
+        assert_eq!(ids(&r), vec![13, 14]);
+        let r = h.replay(&t(&["a"]), &ReplayFrom::After(EventId { ms: 13, seq: 0 }), last, 20);
+        assert!(r.gap.is_none());
+        assert_eq!(ids(&r), vec![14]);
+    }
+
+    #[test]
+    fn last_n_and_ttl() {
+        let mut h = History::new(100, 1000, EventId { ms: 0, seq: 0 });
+        for ms in [100, 200, 1500, 1600] {
+            h.record(&ev(ms, &[if ms % 200 == 0 { "a" } else { "b" }]));
+        }
+        let last = EventId { ms: 1600, seq: 0 };
+        let r = h.replay(&t(&["a", "b"]), &ReplayFrom::Last(3), last, 1700);
+        assert_eq!(ids(&r), vec![200, 1500, 1600]);
+        h.expire(1650);
+        assert_eq!(h.retained(), 2);
+        let r = h.replay(&t(&["a", "b"]), &ReplayFrom::After(EventId { ms: 100, seq: 0 }), last, 1650);
+        assert!(r.gap.is_some());
+    }
+}
