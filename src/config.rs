@@ -34,6 +34,11 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_DRIVER", value_enum, default_value = "auto")]
     pub driver: DriverChoice,
 
+    /// io_uring submission queue entries per core (monoio: 256..=32768; a ring that cannot be
+    /// built with this size makes `--driver auto` fall back to epoll).
+    #[arg(long, env = "RINGCAST_URING_ENTRIES", default_value_t = 1024)]
+    pub uring_entries: u32,
+
     /// Open connections of every kind, all cores together; default: the open-file limit less 256.
     #[arg(long, env = "RINGCAST_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,

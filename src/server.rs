@@ -50,7 +50,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
         addr = bound
             .recv()
             .map_err(|_| io::Error::other(format!("core {index} stopped during start-up")))?
-            .map_err(|e| io::Error::new(e.kind(), format!("core {index}: cannot listen on {addr}: {e}")))?;
+            .map_err(|e| io::Error::new(e.kind(), format!("core {index}: {e}")))?;
     }
     println!("ringcast listening on {addr}");
     io::stdout().flush()?;

@@ -160,8 +160,9 @@ static FALLBACK_LOGGED: Once = Once::new();
 
 /// Builds the runtime for `--driver`; `auto` tries io_uring, then epoll.
 /// (monoio's FusionDriver does not fall back when io_uring fails to build, so this does.)
-fn build_runtime(choice: DriverChoice) -> std::io::Result<(Runtime, &'static str)> {
-    let uring = || RuntimeBuilder::<IoUringDriver>::new().enable_timer().build().map(Runtime::from);
+fn build_runtime(choice: DriverChoice, entries: u32) -> std::io::Result<(Runtime, &'static str)> {
+    let uring =
+        || RuntimeBuilder::<IoUringDriver>::new().with_entries(entries).enable_timer().build().map(Runtime::from);
     let epoll = || RuntimeBuilder::<LegacyDriver>::new().enable_timer().build().map(Runtime::from);
     match choice {
         DriverChoice::Uring => uring().map(|rt| (rt, "io_uring")),
@@ -198,20 +199,24 @@ fn run_thread(start: CoreStart) {
             log::warn!("core {}: could not pin to CPU {}: {e}", start.index, start.index);
         }
     }
-    let (mut rt, driver) = match build_runtime(start.cfg.driver) {
+    let (mut rt, driver) = match build_runtime(start.cfg.driver, start.cfg.uring_entries) {
         Ok(built) => built,
         Err(e) => {
-            let _ = start.ready.send(Err(e));
+            let why = format!("cannot start the {:?} I/O driver: {e}", start.cfg.driver);
+            let _ = start.ready.send(Err(std::io::Error::new(e.kind(), why)));
             return;
         }
     };
-    log::debug!("core {} runs on {driver}", start.index);
+    if start.index == 0 {
+        log::info!("I/O driver: {driver}");
+    }
     rt.block_on(async move {
         let opts = ListenerOpts::new().reuse_port(true).backlog(BACKLOG);
         let listener = match TcpListener::bind_with_config(start.addr, &opts) {
             Ok(l) => l,
             Err(e) => {
-                let _ = start.ready.send(Err(e));
+                let why = format!("cannot listen on {}: {e}", start.addr);
+                let _ = start.ready.send(Err(std::io::Error::new(e.kind(), why)));
                 return;
             }
         };
