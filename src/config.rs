@@ -71,6 +71,10 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_HISTORY", default_value_t = 1000)]
     pub history: usize,
 
+    /// Retained (topic, event) entries across all topics; the oldest go first beyond it.
+    #[arg(long, env = "RINGCAST_HISTORY_MAX_ENTRIES", default_value_t = 1_000_000)]
+    pub history_max_entries: usize,
+
     /// Retained events older than this are dropped (0 disables history).
     #[arg(long, env = "RINGCAST_HISTORY_TTL", default_value = "1h", value_parser = parse_duration)]
     pub history_ttl: Duration,

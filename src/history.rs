@@ -42,6 +42,11 @@ pub struct Gap {
 
 pub struct History {
     topics: HashMap<Box<str>, TopicHistory>,
+    /// Every retained event in id order, for the process-wide bound.
+    order: VecDeque<Arc<Event>>,
+    /// (topic, event) entries held, bounded by `max_entries`.
+    entries: usize,
+    max_entries: usize,
     max_per_topic: usize,
     ttl_ms: u64,
     /// Ids before this were issued by an earlier process (or never): nothing is known of them.
@@ -49,8 +54,16 @@ pub struct History {
 }
 
 impl History {
-    pub fn new(max_per_topic: usize, ttl_ms: u64, first_id: EventId) -> Self {
-        History { topics: HashMap::new(), max_per_topic, ttl_ms, first_id }
+    pub fn new(max_per_topic: usize, max_entries: usize, ttl_ms: u64, first_id: EventId) -> Self {
+        History {
+            topics: HashMap::new(),
+            order: VecDeque::new(),
+            entries: 0,
+            max_entries,
+            max_per_topic,
+            ttl_ms,
+            first_id,
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -68,28 +81,62 @@ impl History {
                 None => self.topics.entry(topic.clone()).or_default(),
             };
             entry.events.push_back(event.clone());
+            self.entries += 1;
             if entry.events.len() > self.max_per_topic {
                 let old = entry.events.pop_front().map(|e| e.id);
                 entry.evicted_upto = old.max(entry.evicted_upto);
+                self.entries -= 1;
             }
+        }
+        self.order.push_back(event.clone());
+        // Publishing to ever new topics must not grow memory without bound either.
+        while self.entries > self.max_entries {
+            let Some(oldest) = self.order.pop_front() else { break };
+            for topic in oldest.topics.iter() {
+                if let Some(entry) = self.topics.get_mut(&**topic) {
+                    if entry.events.front().is_some_and(|e| e.id == oldest.id) {
+                        entry.events.pop_front();
+                        entry.evicted_upto = Some(oldest.id).max(entry.evicted_upto);
+                        self.entries -= 1;
+                    }
+                }
+            }
+        }
+        self.trim_order();
+    }
+
+    /// Drops from `order` the events no topic holds any more (evicted per topic).
+    fn trim_order(&mut self) {
+        while let Some(front) = self.order.front() {
+            let held = front.topics.iter().any(|t| {
+                self.topics.get(&**t).is_some_and(|entry| entry.events.front().is_some_and(|e| e.id <= front.id))
+            });
+            if held {
+                break;
+            }
+            self.order.pop_front();
         }
     }
 
     /// Drops events older than the TTL; a topic left with no events is forgotten entirely.
     pub fn expire(&mut self, now_ms: u64) {
         let horizon = now_ms.saturating_sub(self.ttl_ms);
+        let mut dropped = 0;
         self.topics.retain(|_, entry| {
             while entry.events.front().is_some_and(|e| e.id.ms < horizon) {
                 let old = entry.events.pop_front().map(|e| e.id);
                 entry.evicted_upto = old.max(entry.evicted_upto);
+                dropped += 1;
             }
             !entry.events.is_empty()
         });
+        self.entries -= dropped;
+        self.trim_order();
     }
 
-    /// Retained events (shared, not copied), summed over topics.
+    /// Retained (topic, event) entries; each event's frame is held once, however many topics.
     pub fn retained(&self) -> usize {
-        self.topics.values().map(|t| t.events.len()).sum()
+        self.entries
     }
 
     /// What a stream on `topics` gets before live events. `last_issued` is the newest id so far.
@@ -158,6 +205,20 @@ impl History {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn global_bound_evicts_oldest_across_topics() {
+        let mut h = History::new(100, 3, 3_600_000, EventId { ms: 0, seq: 0 });
+        for (ms, topic) in [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e")] {
+            h.record(&ev(ms, &[topic]));
+        }
+        assert_eq!(h.retained(), 3);
+        assert_eq!(h.order.len(), 3);
+        let last = EventId { ms: 5, seq: 0 };
+        let r = h.replay(&t(&["a", "c", "e"]), &ReplayFrom::After(EventId { ms: 0, seq: 0 }), last, 6);
+        assert_eq!(ids(&r), vec![3, 5]);
+        assert_eq!(r.gap.unwrap().topics, t(&["a"]));
+    }
+
     use super::*;
     use crate::sse::encode_event;
 
@@ -180,7 +241,7 @@ mod tests {
 
     #[test]
     fn resume_merges_topics_in_order_once() {
-        let mut h = History::new(10, 3_600_000, EventId { ms: 1, seq: 0 });
+        let mut h = History::new(10, 1000, 3_600_000, EventId { ms: 1, seq: 0 });
         for e in [ev(1, &["a"]), ev(2, &["b"]), ev(3, &["a", "b"]), ev(4, &["a"])] {
             h.record(&e);
         }
@@ -194,7 +255,7 @@ mod tests {
 
     #[test]
     fn eviction_unknown_and_restart_ids_signal_a_gap() {
-        let mut h = History::new(2, 3_600_000, EventId { ms: 10, seq: 0 });
+        let mut h = History::new(2, 1000, 3_600_000, EventId { ms: 10, seq: 0 });
         for ms in 10..15 {
             h.record(&ev(ms, &["a"]));
         }
@@ -214,7 +275,7 @@ mod tests {
 
     #[test]
     fn last_n_and_ttl() {
-        let mut h = History::new(100, 1000, EventId { ms: 0, seq: 0 });
+        let mut h = History::new(100, 1000, 1000, EventId { ms: 0, seq: 0 });
         for ms in [100, 200, 1500, 1600] {
             h.record(&ev(ms, &[if ms % 200 == 0 { "a" } else { "b" }]));
         }

@@ -28,7 +28,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let (broker_tx, broker_rx) = crossbeam_channel::bounded(BROKER_QUEUE);
     let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();
     let first_id = IdClock::default().next_id();
-    let history = History::new(cfg.history, cfg.history_ttl.as_millis() as u64, first_id);
+    let history = History::new(cfg.history, cfg.history_max_entries, cfg.history_ttl.as_millis() as u64, first_id);
     let broker = Broker { rx: broker_rx, cores: senders.clone(), shared: shared.clone(), history };
     let broker_thread = std::thread::Builder::new().name("ringcast-broker".into()).spawn(move || broker.run())?;
 
