@@ -10,8 +10,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Messages handled per wake-up before the cores are notified (bounds added latency).
-const BATCH: usize = 256;
 /// How often retained events are checked against --history-ttl.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 
@@ -50,7 +48,8 @@ pub struct Event {
 }
 
 pub enum CoreMsg {
-    Event(Arc<Event>),
+    /// Events in id order, one message per broker batch, shared by all cores.
+    Events(Arc<[Arc<Event>]>),
     Published {
         ticket: usize,
         id: EventId,
@@ -97,12 +96,21 @@ pub struct Broker {
     pub cores: Vec<MailboxSender<CoreMsg>>,
     pub shared: Arc<Shared>,
     pub history: History,
+    /// Messages handled per broker wake-up before its batch goes to the cores.
+    pub batch_max: usize,
+}
+
+#[derive(Default)]
+struct Batch {
+    events: Vec<Arc<Event>>,
+    acks: Vec<(usize, usize, EventId)>,
 }
 
 impl Broker {
     pub fn run(mut self) {
         let mut clock = IdClock::default();
         let mut next_expiry = Instant::now() + EXPIRE_EVERY;
+        let mut batch = Batch::default();
         loop {
             let first = match self.rx.recv_timeout(EXPIRE_EVERY) {
                 Ok(msg) => Some(msg),
@@ -123,26 +131,41 @@ impl Broker {
                         let frame = encode_event(id, publish.event.as_deref(), &publish.data);
                         let event = Arc::new(Event { id, topics: publish.topics.into_boxed_slice(), frame });
                         self.history.record(&event);
-                        for mailbox in &self.cores {
-                            let _ = mailbox.push(CoreMsg::Event(event.clone()));
-                        }
-                        let _ = self.cores[core].push(CoreMsg::Published { ticket, id });
+                        batch.events.push(event);
+                        batch.acks.push((core, ticket, id));
                         self.shared.events_published.fetch_add(1, Ordering::Relaxed);
                     }
                     BrokerMsg::Replay { core, key, topics, from, end_marker } => {
+                        // Events handled before this request reach the core before its replay.
+                        self.flush(&mut batch);
                         let replay = self.history.replay(&topics, &from, clock.last(), now_ms());
                         let frames = replay_frames(replay, &from, end_marker);
                         let _ = self.cores[core].push(CoreMsg::Replay { key, frames });
                     }
                     BrokerMsg::Shutdown => {
+                        self.flush(&mut batch);
                         self.notify_all();
                         return;
                     }
                 }
                 handled += 1;
-                next = if handled < BATCH { self.rx.try_recv().ok() } else { None };
+                next = if handled < self.batch_max { self.rx.try_recv().ok() } else { None };
             }
+            self.flush(&mut batch);
             self.notify_all();
+        }
+    }
+
+    /// Sends the batch's events to every core as one message, then the publishers' answers.
+    fn flush(&self, batch: &mut Batch) {
+        if !batch.events.is_empty() {
+            let events: Arc<[Arc<Event>]> = batch.events.drain(..).collect();
+            for mailbox in &self.cores {
+                let _ = mailbox.push(CoreMsg::Events(events.clone()));
+            }
+        }
+        for (core, ticket, id) in batch.acks.drain(..) {
+            let _ = self.cores[core].push(CoreMsg::Published { ticket, id });
         }
     }
 

@@ -67,6 +67,16 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_MAX_QUEUED_BYTES", default_value_t = 1 << 20)]
     pub max_queued_bytes: usize,
 
+    /// Hold each stream's writes this long after its first pending frame, so more frames share
+    /// one writev (0: write as soon as the core runs; e.g. 1ms trades latency for fewer writes).
+    #[arg(long, env = "RINGCAST_BATCH_WINDOW", default_value = "0", value_parser = parse_duration)]
+    pub batch_window: Duration,
+
+    /// Events per broker-to-core batch, and frames pending on one stream that end its batch
+    /// window early.
+    #[arg(long, env = "RINGCAST_BATCH_MAX", default_value_t = 256)]
+    pub batch_max: usize,
+
     /// Events retained per topic for resume and `?history=N` (0 disables history).
     #[arg(long, env = "RINGCAST_HISTORY", default_value_t = 1000)]
     pub history: usize,
@@ -78,6 +88,11 @@ pub struct Config {
     /// Retained events older than this are dropped (0 disables history).
     #[arg(long, env = "RINGCAST_HISTORY_TTL", default_value = "1h", value_parser = parse_duration)]
     pub history_ttl: Duration,
+
+    /// A subscriber past --max-queued-bytes: `disconnect` it (it reconnects and resumes), or keep
+    /// only the `latest` pending event per topic (counted in ringcast_conflated_events_total).
+    #[arg(long, env = "RINGCAST_SLOW_CONSUMER", value_enum, default_value = "disconnect")]
+    pub slow_consumer: crate::hub::SlowPolicy,
 
     /// Longest SIGTERM/SIGINT drain before the process exits anyway.
     #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]

@@ -28,7 +28,8 @@ pub enum StreamState {
 pub struct Subscriber {
     /// Unique per core for the life of the process (slab keys are reused).
     id: u64,
-    queue: VecDeque<Bytes>,
+    /// Frames with their conflation tag (`NO_TAG`: never dropped by `--slow-consumer latest`).
+    queue: VecDeque<(Bytes, u64)>,
     /// Queued plus in-flight bytes, bounded by --max-queued-bytes.
     pending_bytes: usize,
     waker: Option<Waker>,
@@ -40,6 +41,32 @@ pub struct Subscriber {
     /// before the replay are part of it (the broker handles messages in order), so they are
     /// skipped here; that is what keeps the hand-over free of gaps and duplicates.
     live: bool,
+    /// Waiting in the batch window (`Hub::held`) for its write.
+    held: bool,
+}
+
+/// Tag of frames that are not events (opening, heartbeat, replay, retry).
+const NO_TAG: u64 = 0;
+
+/// What to do with a subscriber whose queue passes --max-queued-bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SlowPolicy {
+    /// Close it; it reconnects and resumes from history.
+    Disconnect,
+    /// Keep only the newest pending event per topic (a ticker's stale quotes are worthless).
+    Latest,
+}
+
+/// Result of queueing one frame.
+#[derive(PartialEq, Eq)]
+enum Queued {
+    Yes,
+    /// Queued after dropping this many older frames (`latest`).
+    Conflated(u64),
+    /// The subscriber was too slow and is being closed.
+    Dropped,
+    /// The stream is closing; nothing queued.
+    Closed,
 }
 
 /// Identifies one stream: slab key plus the id that guards against key reuse.
@@ -54,7 +81,21 @@ pub struct Hub {
     topics: HashMap<Rc<str>, Slab<usize>>,
     scratch: Vec<usize>,
     next_id: u64,
-    max_queued: usize,
+    limits: HubLimits,
+    /// Streams with frames held for the batch window; released together by `release_held`.
+    held: Vec<StreamKey>,
+    flusher: Option<Waker>,
+}
+
+/// Per-stream bounds and batching, from the flags.
+#[derive(Clone, Copy, Debug)]
+pub struct HubLimits {
+    pub max_queued: usize,
+    pub slow: SlowPolicy,
+    /// Hold writes for the batch window (`--batch-window` > 0).
+    pub windowed: bool,
+    /// Pending frames that end a stream's window early.
+    pub batch_max: usize,
 }
 
 /// Ends both directions of a socket at once: a pending read returns 0 and a pending write
@@ -71,28 +112,76 @@ impl Subscriber {
         }
     }
 
-    /// Queues a frame; returns true when the subscriber overflowed and was dropped.
-    fn enqueue(&mut self, frame: Bytes, max_queued: usize) -> bool {
+    /// Queues a frame within the byte bound (without waking the writer).
+    fn enqueue(&mut self, frame: Bytes, tag: u64, max_queued: usize, policy: SlowPolicy) -> Queued {
         if self.state != StreamState::Open {
-            return false;
+            return Queued::Closed;
         }
+        let mut conflated = 0;
         if self.pending_bytes + frame.len() > max_queued {
-            self.state = StreamState::Dead;
-            self.queue.clear();
-            kick(self.fd);
-            self.wake();
-            return true;
+            if policy == SlowPolicy::Latest && tag != NO_TAG {
+                conflated = self.conflate(tag);
+            }
+            if self.pending_bytes + frame.len() > max_queued {
+                self.state = StreamState::Dead;
+                self.queue.clear();
+                kick(self.fd);
+                self.wake();
+                return Queued::Dropped;
+            }
         }
         self.pending_bytes += frame.len();
-        self.queue.push_back(frame);
-        self.wake();
-        false
+        self.queue.push_back((frame, tag));
+        if conflated > 0 {
+            Queued::Conflated(conflated)
+        } else {
+            Queued::Yes
+        }
+    }
+
+    /// Drops every queued event superseded by a newer one of the same tag, and those of
+    /// `incoming` (a newer one is being queued); returns how many were dropped.
+    fn conflate(&mut self, incoming: u64) -> u64 {
+        let mut seen: Vec<u64> = vec![incoming];
+        let mut kept: VecDeque<(Bytes, u64)> = VecDeque::with_capacity(self.queue.len());
+        let mut dropped_bytes = 0;
+        let mut dropped = 0;
+        while let Some((frame, tag)) = self.queue.pop_back() {
+            if tag != NO_TAG && seen.contains(&tag) {
+                dropped_bytes += frame.len();
+                dropped += 1;
+            } else {
+                if tag != NO_TAG {
+                    seen.push(tag);
+                }
+                kept.push_front((frame, tag));
+            }
+        }
+        self.queue = kept;
+        self.pending_bytes -= dropped_bytes;
+        dropped
     }
 }
 
+/// Conflation tag of an event: its topic set (the first topic for the common single-topic case).
+fn topic_tag(topics: &[Box<str>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    topics.hash(&mut h);
+    h.finish() | 1
+}
+
 impl Hub {
-    pub fn new(max_queued: usize) -> Self {
-        Hub { subs: Slab::new(), topics: HashMap::new(), scratch: Vec::new(), next_id: 0, max_queued }
+    pub fn new(limits: HubLimits) -> Self {
+        Hub {
+            subs: Slab::new(),
+            topics: HashMap::new(),
+            scratch: Vec::new(),
+            next_id: 0,
+            limits,
+            held: Vec::new(),
+            flusher: None,
+        }
     }
 
     pub fn subscribers(&self) -> usize {
@@ -130,7 +219,7 @@ impl Hub {
         }
         let mut queue = VecDeque::new();
         let pending_bytes = first.len();
-        queue.push_back(first);
+        queue.push_back((first, NO_TAG));
         entry.insert(Subscriber {
             id,
             queue,
@@ -141,6 +230,7 @@ impl Hub {
             fd,
             chunked,
             live,
+            held: false,
         });
         self.publish_counts(stats);
         StreamKey { key, id }
@@ -166,7 +256,7 @@ impl Hub {
 
     /// Fans one event out to this core's subscribers of its topics, once per subscriber.
     pub fn publish(&mut self, event: &Event, stats: &CoreStats) {
-        let Hub { subs, topics, scratch, max_queued, .. } = self;
+        let Hub { subs, topics, scratch, limits, held, flusher, .. } = self;
         scratch.clear();
         for topic in event.topics.iter() {
             if let Some(set) = topics.get(&**topic) {
@@ -181,22 +271,62 @@ impl Hub {
             scratch.dedup();
         }
         let frame = local_frame(&event.frame);
-        let (mut delivered, mut dropped) = (0u64, 0u64);
+        let tag = if limits.slow == SlowPolicy::Latest { topic_tag(&event.topics) } else { NO_TAG };
+        let (mut delivered, mut dropped, mut conflated) = (0u64, 0u64, 0u64);
         for &key in scratch.iter() {
             let sub = &mut subs[key];
             if !sub.live {
                 continue;
             }
             let bytes = if sub.chunked { frame.chunk().clone() } else { frame.body() };
-            if sub.enqueue(bytes, *max_queued) {
-                dropped += 1;
-            } else {
-                delivered += 1;
+            match sub.enqueue(bytes, tag, limits.max_queued, limits.slow) {
+                Queued::Closed => continue,
+                Queued::Dropped => {
+                    dropped += 1;
+                    continue;
+                }
+                Queued::Conflated(n) => conflated += n,
+                Queued::Yes => {}
+            }
+            delivered += 1;
+            if !limits.windowed || sub.queue.len() >= limits.batch_max {
+                sub.wake();
+            } else if !sub.held {
+                sub.held = true;
+                if held.is_empty() {
+                    if let Some(w) = flusher.take() {
+                        w.wake();
+                    }
+                }
+                held.push(StreamKey { key, id: sub.id });
             }
         }
         stats.frames_queued.fetch_add(delivered, Ordering::Relaxed);
         if dropped > 0 {
             stats.slow_disconnects.fetch_add(dropped, Ordering::Relaxed);
+        }
+        if conflated > 0 {
+            stats.conflated.fetch_add(conflated, Ordering::Relaxed);
+        }
+    }
+
+    /// Ready when some stream holds frames for the batch window.
+    pub fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.held.is_empty() {
+            self.flusher = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    /// The batch window ended: wake every held stream's writer.
+    pub fn release_held(&mut self) {
+        for sk in self.held.drain(..) {
+            if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
+                sub.held = false;
+                sub.wake();
+            }
         }
     }
 
@@ -210,7 +340,7 @@ impl Hub {
             return;
         }
         for frame in frames {
-            sub.queue.push_back(frame.for_stream(sub.chunked));
+            sub.queue.push_back((frame.for_stream(sub.chunked), NO_TAG));
         }
         sub.wake();
     }
@@ -220,8 +350,9 @@ impl Hub {
         let mut dropped = 0;
         for (_, sub) in self.subs.iter_mut() {
             let beat = if sub.chunked { HEARTBEAT_CHUNK } else { HEARTBEAT_RAW };
-            if sub.enqueue(Bytes::from_static(beat), self.max_queued) {
-                dropped += 1;
+            match sub.enqueue(Bytes::from_static(beat), NO_TAG, self.limits.max_queued, self.limits.slow) {
+                Queued::Dropped => dropped += 1,
+                _ => sub.wake(),
             }
         }
         if dropped > 0 {
@@ -236,9 +367,9 @@ impl Hub {
                 continue;
             }
             let frame = retry();
-            sub.queue.push_back(frame.for_stream(sub.chunked));
+            sub.queue.push_back((frame.for_stream(sub.chunked), NO_TAG));
             if sub.chunked {
-                sub.queue.push_back(Bytes::from_static(LAST_CHUNK));
+                sub.queue.push_back((Bytes::from_static(LAST_CHUNK), NO_TAG));
             }
             sub.state = StreamState::Closing;
             sub.wake();
@@ -284,7 +415,7 @@ impl Hub {
             return Poll::Pending;
         }
         while !batch.is_full() {
-            let Some(frame) = sub.queue.pop_front() else { break };
+            let Some((frame, _)) = sub.queue.pop_front() else { break };
             batch.push(frame);
         }
         Poll::Ready(true)
@@ -304,5 +435,83 @@ fn local_frame(frame: &Frame) -> Frame {
         frame.copied()
     } else {
         frame.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::{encode_event, EventId};
+    use std::sync::Arc;
+
+    fn event(seq: u64, topics: &[&str], data: &str) -> Arc<Event> {
+        let id = EventId { ms: 1, seq };
+        Arc::new(Event {
+            id,
+            topics: topics.iter().map(|t| Box::<str>::from(*t)).collect(),
+            frame: encode_event(id, None, data),
+        })
+    }
+
+    fn hub(max_queued: usize, slow: SlowPolicy) -> Hub {
+        Hub::new(HubLimits { max_queued, slow, windowed: false, batch_max: 256 })
+    }
+
+    fn queued(hub: &Hub, sk: StreamKey) -> Vec<String> {
+        hub.subs[sk.key].queue.iter().skip(1).map(|(b, _)| String::from_utf8_lossy(b).into_owned()).collect()
+    }
+
+    fn topics(names: &[&str]) -> Vec<Box<str>> {
+        names.iter().map(|t| Box::<str>::from(*t)).collect()
+    }
+
+    #[test]
+    fn multi_topic_event_queued_once_and_unsubscribe_cleans_index() {
+        let stats = CoreStats::default();
+        let mut h = hub(1 << 20, SlowPolicy::Disconnect);
+        let sk = h.subscribe(&topics(&["a", "b"]), -1, true, true, Bytes::from_static(b"open"), &stats);
+        h.publish(&event(1, &["a", "b"], "x"), &stats);
+        h.publish(&event(2, &["c"], "y"), &stats);
+        assert_eq!(queued(&h, sk).len(), 1);
+        assert_eq!(stats.topics.load(Ordering::Relaxed), 2);
+        h.unsubscribe(sk, &stats);
+        assert_eq!((h.subs.len(), h.topics.len()), (0, 0));
+    }
+
+    #[test]
+    fn slow_subscriber_is_dropped_or_conflated() {
+        let stats = CoreStats::default();
+        let mut h = hub(200, SlowPolicy::Disconnect);
+        let sk = h.subscribe(&topics(&["a"]), -1, true, true, Bytes::new(), &stats);
+        for seq in 0..20 {
+            h.publish(&event(seq, &["a"], "0123456789"), &stats);
+        }
+        assert_eq!(h.subs[sk.key].state, StreamState::Dead);
+        assert_eq!(stats.slow_disconnects.load(Ordering::Relaxed), 1);
+
+        let mut h = hub(200, SlowPolicy::Latest);
+        let sk = h.subscribe(&topics(&["a", "b"]), -1, true, true, Bytes::new(), &stats);
+        for seq in 0..20 {
+            h.publish(&event(seq, &[if seq % 2 == 0 { "a" } else { "b" }], "0123456789"), &stats);
+        }
+        assert_eq!(h.subs[sk.key].state, StreamState::Open);
+        let q = queued(&h, sk);
+        assert!(q.len() < 20 && q.iter().any(|f| f.contains("id: 1-19")) && q.iter().any(|f| f.contains("id: 1-18")));
+        assert!(stats.conflated.load(Ordering::Relaxed) > 0);
+        assert!(h.subs[sk.key].pending_bytes <= 200);
+    }
+
+    #[test]
+    fn replay_gates_live_events() {
+        let stats = CoreStats::default();
+        let mut h = hub(1 << 20, SlowPolicy::Disconnect);
+        let sk = h.subscribe(&topics(&["a"]), -1, true, false, Bytes::new(), &stats);
+        h.publish(&event(1, &["a"], "covered by replay"), &stats);
+        assert!(queued(&h, sk).is_empty());
+        h.replay(sk, &[event(1, &["a"], "replayed").frame.clone()]);
+        h.publish(&event(2, &["a"], "live"), &stats);
+        let q = queued(&h, sk);
+        assert_eq!(q.len(), 2);
+        assert!(q[0].contains("replayed") && q[1].contains("live"));
     }
 }

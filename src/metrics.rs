@@ -11,6 +11,7 @@ pub struct CoreStats {
     pub slow_disconnects: AtomicU64,
     pub shed: AtomicU64,
     pub frames_queued: AtomicU64,
+    pub conflated: AtomicU64,
 }
 
 /// State shared by all threads: touched per connection or per publish, never per frame.
@@ -77,6 +78,12 @@ impl Shared {
             "counter",
             "Streams closed because their queue passed --max-queued-bytes.",
             sum_u64(|c| &c.slow_disconnects),
+        );
+        metric(
+            "ringcast_conflated_events_total",
+            "counter",
+            "Pending events dropped for a newer one on the same topic (--slow-consumer latest).",
+            sum_u64(|c| &c.conflated),
         );
         metric(
             "ringcast_connections_shed_total",

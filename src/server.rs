@@ -29,7 +29,13 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();
     let first_id = IdClock::default().next_id();
     let history = History::new(cfg.history, cfg.history_max_entries, cfg.history_ttl.as_millis() as u64, first_id);
-    let broker = Broker { rx: broker_rx, cores: senders.clone(), shared: shared.clone(), history };
+    let broker = Broker {
+        rx: broker_rx,
+        cores: senders.clone(),
+        shared: shared.clone(),
+        history,
+        batch_max: cfg.batch_max.max(1),
+    };
     let broker_thread = std::thread::Builder::new().name("ringcast-broker".into()).spawn(move || broker.run())?;
 
     // Core 0 binds first so that port 0 resolves to one port that the other cores share.

@@ -6,7 +6,7 @@ use crate::config::{Config, DriverChoice};
 use crate::conn;
 use crate::history::ReplayFrom;
 use crate::http::HttpError;
-use crate::hub::{Hub, StreamKey};
+use crate::hub::{Hub, HubLimits, StreamKey};
 use crate::mailbox::MailboxReceiver;
 use crate::metrics::{CoreStats, Shared};
 use crate::sse::{encode_notice, retry_frame, EventId};
@@ -225,7 +225,12 @@ fn run_thread(start: CoreStart) {
             ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         let worker = Rc::new(Worker {
             index: start.index,
-            hub: RefCell::new(Hub::new(start.cfg.max_queued_bytes)),
+            hub: RefCell::new(Hub::new(HubLimits {
+                max_queued: start.cfg.max_queued_bytes,
+                slow: start.cfg.slow_consumer,
+                windowed: !start.cfg.batch_window.is_zero(),
+                batch_max: start.cfg.batch_max.max(1),
+            })),
             cfg: start.cfg,
             shared: start.shared,
             broker: start.broker,
@@ -241,13 +246,21 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
     let canceller = Canceller::new();
     let accept = monoio::spawn(accept_loop(worker.clone(), listener, canceller.handle()));
     monoio::spawn(heartbeat_loop(worker.clone()));
+    if !worker.cfg.batch_window.is_zero() {
+        monoio::spawn(batch_window_loop(worker.clone()));
+    }
 
     'mailbox: loop {
         mailbox.ready().await;
         let mut budget = MAILBOX_BUDGET;
         while let Some(msg) = mailbox.try_recv() {
             match msg {
-                CoreMsg::Event(event) => worker.hub.borrow_mut().publish(&event, worker.stats()),
+                CoreMsg::Events(events) => {
+                    let mut hub = worker.hub.borrow_mut();
+                    for event in events.iter() {
+                        hub.publish(event, worker.stats());
+                    }
+                }
                 CoreMsg::Published { ticket, id } => worker.complete(ticket, id),
                 CoreMsg::Replay { key, frames } => worker.hub.borrow_mut().replay(key, &frames),
                 CoreMsg::Shutdown => break 'mailbox,
@@ -293,6 +306,15 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::
                 _ => log::debug!("accept: {e}"),
             },
         }
+    }
+}
+
+/// One timer per core: streams that got frames wait out the window, then write together.
+async fn batch_window_loop(worker: Rc<Worker>) {
+    loop {
+        poll_fn(|cx| worker.hub.borrow_mut().poll_held(cx)).await;
+        monoio::time::sleep(worker.cfg.batch_window).await;
+        worker.hub.borrow_mut().release_held();
     }
 }
 
