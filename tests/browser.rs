@@ -29,9 +29,7 @@ fn repo_root() -> PathBuf {
 }
 
 fn chromium_path() -> PathBuf {
-    std::env::var_os("CHROMIUM_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+    std::env::var_os("CHROMIUM_PATH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
 }
 
 /// Panics (fails the test) with a clear message when a prerequisite is missing.
@@ -39,17 +37,9 @@ fn check_prerequisites(browser_dir: &Path) {
     let mut missing = Vec::new();
     let chromium = chromium_path();
     if !chromium.exists() {
-        missing.push(format!(
-            "{} (Debian package `chromium`)",
-            chromium.display()
-        ));
+        missing.push(format!("{} (Debian package `chromium`)", chromium.display()));
     }
-    match Command::new("node")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-    {
+    match Command::new("node").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status() {
         Ok(s) if s.success() => {}
         _ => missing.push("`node` on PATH (Node.js >= 20)".to_string()),
     }
@@ -57,11 +47,7 @@ fn check_prerequisites(browser_dir: &Path) {
     if !pw.exists() {
         missing.push(format!("{} (npm ci in tests/browser)", pw.display()));
     }
-    assert!(
-        missing.is_empty(),
-        "browser test prerequisites missing: {}.\n=> {HOW_TO_FIX}",
-        missing.join(", ")
-    );
+    assert!(missing.is_empty(), "browser test prerequisites missing: {}.\n=> {HOW_TO_FIX}", missing.join(", "));
 }
 
 /// Collects everything a child writes on one pipe, on a thread.
@@ -130,12 +116,7 @@ impl Server {
             });
         }
 
-        let mut server = Server {
-            child,
-            port: 0,
-            stderr,
-            stdout,
-        };
+        let mut server = Server { child, port: 0, stderr, stdout };
         match rx.recv_timeout(STARTUP_TIMEOUT) {
             Ok(port) => server.port = port,
             Err(_) => {
@@ -202,10 +183,7 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> (Option<ExitStatus>, String
 
 #[test]
 fn parses_listening_line() {
-    assert_eq!(
-        parse_listening("ringcast listening on 127.0.0.1:40123\n"),
-        Some(40123)
-    );
+    assert_eq!(parse_listening("ringcast listening on 127.0.0.1:40123\n"), Some(40123));
     assert_eq!(parse_listening("something else"), None);
 }
 
@@ -219,10 +197,7 @@ fn chromium_eventsource_receives_published_events() {
     let base = format!("http://127.0.0.1:{}", server.port);
 
     let mut cmd = Command::new("node");
-    cmd.current_dir(&root)
-        .arg(browser_dir.join("eventsource.mjs"))
-        .arg(&base)
-        .env("CHROMIUM_PATH", chromium_path());
+    cmd.current_dir(&root).arg(browser_dir.join("eventsource.mjs")).arg(&base).env("CHROMIUM_PATH", chromium_path());
     let (status, out, err) = run_bounded(cmd, SCRIPT_TIMEOUT);
 
     let ok = matches!(status, Some(s) if s.success());
