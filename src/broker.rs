@@ -98,6 +98,8 @@ pub struct Broker {
     pub history: History,
     /// Messages handled per broker wake-up before its batch goes to the cores.
     pub batch_max: usize,
+    /// Events whose SSE bytes reach this size are deflated for gzip streams (smaller: stored).
+    pub gzip_min_bytes: usize,
 }
 
 #[derive(Default)]
@@ -128,7 +130,10 @@ impl Broker {
                 match msg {
                     BrokerMsg::Publish { core, ticket, publish } => {
                         let id = clock.next_id();
-                        let frame = encode_event(id, publish.event.as_deref(), &publish.data);
+                        let mut frame = encode_event(id, publish.event.as_deref(), &publish.data);
+                        if self.shared.any_gzip() {
+                            frame = frame.with_gzip(self.gzip_min_bytes);
+                        }
                         let event = Arc::new(Event { id, topics: publish.topics.into_boxed_slice(), frame });
                         self.history.record(&event);
                         batch.events.push(event);

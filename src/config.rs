@@ -77,6 +77,15 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_BATCH_MAX", default_value_t = 256)]
     pub batch_max: usize,
 
+    /// Events whose frame reaches this many bytes are deflated once for all gzip streams;
+    /// smaller ones travel as stored blocks (compression would not pay).
+    #[arg(long, env = "RINGCAST_GZIP_MIN_BYTES", default_value_t = 1024)]
+    pub gzip_min_bytes: usize,
+
+    /// Never gzip streams, even when clients send `Accept-Encoding: gzip`.
+    #[arg(long, env = "RINGCAST_NO_GZIP")]
+    pub no_gzip: bool,
+
     /// Events retained per topic for resume and `?history=N` (0 disables history).
     #[arg(long, env = "RINGCAST_HISTORY", default_value_t = 1000)]
     pub history: usize,

@@ -1,6 +1,7 @@
 //! One connection: read requests (pipelined, keep-alive), route them, or become an event stream.
 
 use crate::frames::FrameBatch;
+use crate::gzip;
 use crate::history::ReplayFrom;
 use crate::http::{
     parse_request, put_chunk, write_response, write_stream_head, BodyKind, ChunkedDecoder, HttpError, Method, Request,
@@ -8,7 +9,7 @@ use crate::http::{
 use crate::hub::StreamKey;
 use crate::metrics::Shared;
 use crate::publish::{parse_publish, validate_topics};
-use crate::sse::{retry_frame, LAST_CHUNK, OPENING_SSE};
+use crate::sse::{retry_frame, Wire, LAST_CHUNK, OPENING_SSE};
 use crate::worker::Worker;
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
@@ -139,7 +140,7 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool) {
         if over_limit {
             worker.stats().shed.fetch_add(1, Ordering::Relaxed);
             if req.path == "/events" && req.method == Method::Get {
-                write_stream_head(&mut out, req.http11);
+                write_stream_head(&mut out, req.http11, false);
                 put_chunk(&mut out, retry_frame(worker.jitter(2000, 5000)).body().as_ref(), req.http11);
                 if req.http11 {
                     out.extend_from_slice(LAST_CHUNK);
@@ -282,14 +283,22 @@ async fn stream_events(worker: Rc<Worker>, mut stream: TcpStream, req: Request, 
         None => ReplayFrom::Live,
     };
     let live = from == ReplayFrom::Live && !end_marker;
-    let chunked = req.http11;
+    let wire = match (req.http11, req.accepts_gzip && !worker.cfg.no_gzip) {
+        (false, _) => Wire::Raw,
+        (true, false) => Wire::Chunked,
+        (true, true) => Wire::Gzip,
+    };
     // Pipelined answers, the stream head and the opening lines leave in one write.
-    write_stream_head(&mut out, chunked);
-    put_chunk(&mut out, OPENING_SSE, chunked);
+    write_stream_head(&mut out, wire != Wire::Raw, wire == Wire::Gzip);
+    if wire == Wire::Gzip {
+        out.extend_from_slice(&gzip::opening_chunk(OPENING_SSE));
+    } else {
+        put_chunk(&mut out, OPENING_SSE, wire == Wire::Chunked);
+    }
     let first = Bytes::from(out);
 
     let fd = stream.as_raw_fd();
-    let key = worker.hub.borrow_mut().subscribe(&topics, fd, chunked, live, first, worker.stats());
+    let key = worker.hub.borrow_mut().subscribe(&topics, fd, wire, live, first, worker.stats());
     if !live {
         worker.request_replay(key, topics, from, end_marker);
     }

@@ -31,6 +31,8 @@ pub struct Request {
     pub content_length: Option<usize>,
     pub content_type: Option<String>,
     pub last_event_id: Option<String>,
+    /// `Accept-Encoding` allows gzip.
+    pub accepts_gzip: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +107,20 @@ fn has_token(value: &[u8], token: &str) -> bool {
     value.split(|&b| b == b',').any(|t| std::str::from_utf8(t).is_ok_and(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
+/// Whether an `Accept-Encoding` value admits `coding` (listed without `q=0`).
+fn accepts_coding(value: &[u8], coding: &str) -> bool {
+    let Ok(value) = std::str::from_utf8(value) else { return false };
+    value.split(',').any(|item| {
+        let mut parts = item.split(';');
+        let name = parts.next().unwrap_or("").trim();
+        let refused = parts.any(|p| {
+            let p = p.trim();
+            p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")).is_some_and(|q| q.trim().parse::<f32>() == Ok(0.0))
+        });
+        name.eq_ignore_ascii_case(coding) && !refused
+    })
+}
+
 /// Parses one request head from the front of `buf`. `Ok(None)`: need more bytes.
 /// On success the head is removed from `buf`; the body (if any) follows in `buf`.
 pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Request>, HttpError> {
@@ -141,6 +157,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
     let mut keep_alive = http11;
     let mut content_type = None;
     let mut last_event_id = None;
+    let mut accepts_gzip = false;
     for h in req.headers.iter() {
         if header_eq(h.name, "content-length") {
             let text = std::str::from_utf8(h.value).map_err(|_| HttpError::BadRequest("bad Content-Length"))?;
@@ -170,6 +187,8 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
             }
         } else if header_eq(h.name, "content-type") {
             content_type = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_ascii_lowercase());
+        } else if header_eq(h.name, "accept-encoding") {
+            accepts_gzip |= accepts_coding(h.value, "gzip");
         } else if header_eq(h.name, "last-event-id") {
             last_event_id = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
         }
@@ -192,6 +211,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
         content_length,
         content_type,
         last_event_id,
+        accepts_gzip,
     };
     buf.advance(head_len);
     Ok(Some(request))
@@ -315,7 +335,15 @@ pub fn write_response(out: &mut Vec<u8>, code: u16, text: &str, content_type: &s
 }
 
 /// Head of an event stream: chunked on HTTP/1.1, unframed until close on HTTP/1.0.
-pub fn write_stream_head(out: &mut Vec<u8>, chunked: bool) {
+pub fn write_stream_head(out: &mut Vec<u8>, chunked: bool, gzip: bool) {
+    if gzip {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nVary: Accept-Encoding\r\n");
+        out.extend_from_slice(
+            b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n\
+              X-Accel-Buffering: no\r\nAccess-Control-Allow-Origin: *\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        return;
+    }
     out.extend_from_slice(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n\
           X-Accel-Buffering: no\r\nAccess-Control-Allow-Origin: *\r\n",
@@ -375,6 +403,19 @@ mod tests {
         assert_eq!(parse(&big).unwrap_err().status().0, 431);
         assert_eq!(parse(&"a".repeat(9000)).unwrap_err().status().0, 431);
         assert_eq!(parse("GET /a\x01 HTTP/1.1\r\n\r\n").unwrap_err().status().0, 400);
+    }
+
+    #[test]
+    fn accept_encoding() {
+        for (value, want) in [
+            ("gzip", true),
+            ("gzip, deflate", true),
+            ("br;q=1, GZIP;q=0.5", true),
+            ("gzip;q=0", false),
+            ("deflate", false),
+        ] {
+            assert_eq!(accepts_coding(value.as_bytes(), "gzip"), want, "{value}");
+        }
     }
 
     #[test]

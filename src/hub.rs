@@ -2,8 +2,9 @@
 
 use crate::broker::Event;
 use crate::frames::FrameBatch;
+use crate::gzip::HEARTBEAT_GZIP;
 use crate::metrics::CoreStats;
-use crate::sse::{Frame, HEARTBEAT_CHUNK, HEARTBEAT_RAW, LAST_CHUNK};
+use crate::sse::{Frame, Wire, HEARTBEAT_CHUNK, HEARTBEAT_RAW, LAST_CHUNK};
 use bytes::Bytes;
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
@@ -36,7 +37,7 @@ pub struct Subscriber {
     state: StreamState,
     topics: Vec<(Rc<str>, usize)>,
     fd: RawFd,
-    chunked: bool,
+    wire: Wire,
     /// False while a replay is on its way from the broker: live events that reach this core
     /// before the replay are part of it (the broker handles messages in order), so they are
     /// skipped here; that is what keeps the hand-over free of gaps and duplicates.
@@ -85,6 +86,8 @@ pub struct Hub {
     /// Streams with frames held for the batch window; released together by `release_held`.
     held: Vec<StreamKey>,
     flusher: Option<Waker>,
+    /// Streams with `Wire::Gzip` (the broker compresses frames only while there are some).
+    gzip_subs: usize,
 }
 
 /// Per-stream bounds and batching, from the flags.
@@ -181,6 +184,7 @@ impl Hub {
             limits,
             held: Vec::new(),
             flusher: None,
+            gzip_subs: 0,
         }
     }
 
@@ -190,6 +194,7 @@ impl Hub {
 
     fn publish_counts(&self, stats: &CoreStats) {
         stats.subscribers.store(self.subs.len(), Ordering::Relaxed);
+        stats.gzip_subscribers.store(self.gzip_subs, Ordering::Relaxed);
         stats.topics.store(self.topics.len(), Ordering::Relaxed);
     }
 
@@ -199,7 +204,7 @@ impl Hub {
         &mut self,
         topics: &[Box<str>],
         fd: RawFd,
-        chunked: bool,
+        wire: Wire,
         live: bool,
         first: Bytes,
         stats: &CoreStats,
@@ -228,10 +233,11 @@ impl Hub {
             state: StreamState::Open,
             topics: slots,
             fd,
-            chunked,
+            wire,
             live,
             held: false,
         });
+        self.gzip_subs += usize::from(wire == Wire::Gzip);
         self.publish_counts(stats);
         StreamKey { key, id }
     }
@@ -243,6 +249,7 @@ impl Hub {
         }
         let sub = self.subs.remove(sk.key);
         kick(sub.fd);
+        self.gzip_subs -= usize::from(sub.wire == Wire::Gzip);
         for (topic, slot) in sub.topics {
             if let Some(set) = self.topics.get_mut(&*topic) {
                 set.try_remove(slot);
@@ -278,7 +285,7 @@ impl Hub {
             if !sub.live {
                 continue;
             }
-            let bytes = if sub.chunked { frame.chunk().clone() } else { frame.body() };
+            let bytes = frame.for_stream(sub.wire);
             match sub.enqueue(bytes, tag, limits.max_queued, limits.slow) {
                 Queued::Closed => continue,
                 Queued::Dropped => {
@@ -340,7 +347,7 @@ impl Hub {
             return;
         }
         for frame in frames {
-            sub.queue.push_back((frame.for_stream(sub.chunked), NO_TAG));
+            sub.queue.push_back((frame.for_stream(sub.wire), NO_TAG));
         }
         sub.wake();
     }
@@ -349,7 +356,11 @@ impl Hub {
     pub fn heartbeat(&mut self, stats: &CoreStats) {
         let mut dropped = 0;
         for (_, sub) in self.subs.iter_mut() {
-            let beat = if sub.chunked { HEARTBEAT_CHUNK } else { HEARTBEAT_RAW };
+            let beat = match sub.wire {
+                Wire::Chunked => HEARTBEAT_CHUNK,
+                Wire::Raw => HEARTBEAT_RAW,
+                Wire::Gzip => HEARTBEAT_GZIP,
+            };
             match sub.enqueue(Bytes::from_static(beat), NO_TAG, self.limits.max_queued, self.limits.slow) {
                 Queued::Dropped => dropped += 1,
                 _ => sub.wake(),
@@ -367,8 +378,8 @@ impl Hub {
                 continue;
             }
             let frame = retry();
-            sub.queue.push_back((frame.for_stream(sub.chunked), NO_TAG));
-            if sub.chunked {
+            sub.queue.push_back((frame.for_stream(sub.wire), NO_TAG));
+            if sub.wire != Wire::Raw {
                 sub.queue.push_back((Bytes::from_static(LAST_CHUNK), NO_TAG));
             }
             sub.state = StreamState::Closing;
@@ -469,7 +480,7 @@ mod tests {
     fn multi_topic_event_queued_once_and_unsubscribe_cleans_index() {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a", "b"]), -1, true, true, Bytes::from_static(b"open"), &stats);
+        let sk = h.subscribe(&topics(&["a", "b"]), -1, Wire::Chunked, true, Bytes::from_static(b"open"), &stats);
         h.publish(&event(1, &["a", "b"], "x"), &stats);
         h.publish(&event(2, &["c"], "y"), &stats);
         assert_eq!(queued(&h, sk).len(), 1);
@@ -482,7 +493,7 @@ mod tests {
     fn slow_subscriber_is_dropped_or_conflated() {
         let stats = CoreStats::default();
         let mut h = hub(200, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, true, true, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), -1, Wire::Chunked, true, Bytes::new(), &stats);
         for seq in 0..20 {
             h.publish(&event(seq, &["a"], "0123456789"), &stats);
         }
@@ -490,7 +501,7 @@ mod tests {
         assert_eq!(stats.slow_disconnects.load(Ordering::Relaxed), 1);
 
         let mut h = hub(200, SlowPolicy::Latest);
-        let sk = h.subscribe(&topics(&["a", "b"]), -1, true, true, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a", "b"]), -1, Wire::Chunked, true, Bytes::new(), &stats);
         for seq in 0..20 {
             h.publish(&event(seq, &[if seq % 2 == 0 { "a" } else { "b" }], "0123456789"), &stats);
         }
@@ -505,7 +516,7 @@ mod tests {
     fn replay_gates_live_events() {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, true, false, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), -1, Wire::Chunked, false, Bytes::new(), &stats);
         h.publish(&event(1, &["a"], "covered by replay"), &stats);
         assert!(queued(&h, sk).is_empty());
         h.replay(sk, &[event(1, &["a"], "replayed").frame.clone()]);

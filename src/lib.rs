@@ -9,6 +9,7 @@
 //! - `publish`  `POST /publish` bodies (raw, JSON, form) and topic validation
 //! - `sse`      event-stream framing, encoded once per event as a shared chunk
 //! - `hub`      per-core slab of streams, topic index, local fan-out, bounded queues
+//! - `gzip`     gzip streams: one shared deflate segment per event, stored blocks for small ones
 //! - `frames`   zero-copy vectored writes of shared frames (`FrameBatch`)
 //! - `mailbox`  broker -> core channel with a coalesced cross-thread wake-up
 //! - `broker`   the broker thread: event ids, encoding, fan-out to cores
@@ -19,6 +20,7 @@ pub mod broker;
 pub mod config;
 pub mod conn;
 pub mod frames;
+pub mod gzip;
 pub mod history;
 pub mod http;
 pub mod hub;

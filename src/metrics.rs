@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 #[derive(Default)]
 pub struct CoreStats {
     pub subscribers: AtomicUsize,
+    pub gzip_subscribers: AtomicUsize,
     pub topics: AtomicUsize,
     pub slow_disconnects: AtomicU64,
     pub shed: AtomicU64,
@@ -33,6 +34,11 @@ impl Shared {
             retained_events: AtomicUsize::new(0),
             cores: (0..cores).map(|_| CoreStats::default()).collect(),
         }
+    }
+
+    /// Whether any core has a gzip stream (the broker then compresses new frames once).
+    pub fn any_gzip(&self) -> bool {
+        self.cores.iter().any(|c| c.gzip_subscribers.load(Ordering::Relaxed) > 0)
     }
 
     /// Prometheus text exposition.

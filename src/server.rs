@@ -35,6 +35,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
         shared: shared.clone(),
         history,
         batch_max: cfg.batch_max.max(1),
+        gzip_min_bytes: cfg.gzip_min_bytes,
     };
     let broker_thread = std::thread::Builder::new().name("ringcast-broker".into()).spawn(move || broker.run())?;
 

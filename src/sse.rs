@@ -35,6 +35,19 @@ impl std::str::FromStr for EventId {
 pub struct Frame {
     chunk: Bytes,
     body_start: usize,
+    /// The gzip-stream chunk, made by the broker while gzip subscribers exist.
+    gz: Option<Bytes>,
+}
+
+/// How a stream's bytes travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// HTTP/1.0: SSE bytes until close.
+    Raw,
+    /// HTTP/1.1 chunked.
+    Chunked,
+    /// Chunked, gzip-encoded (one deflate segment per chunk).
+    Gzip,
 }
 
 impl Frame {
@@ -49,17 +62,31 @@ impl Frame {
     }
 
     /// The frame for a stream of the given kind.
-    pub fn for_stream(&self, chunked: bool) -> Bytes {
-        if chunked {
-            self.chunk.clone()
-        } else {
-            self.body()
+    pub fn for_stream(&self, wire: Wire) -> Bytes {
+        match wire {
+            Wire::Chunked => self.chunk.clone(),
+            Wire::Raw => self.body(),
+            Wire::Gzip => match &self.gz {
+                Some(gz) => gz.clone(),
+                // Published before any gzip subscriber existed (replay, or a race): stored block.
+                None => crate::gzip::gzip_chunk(&self.chunk[self.body_start..self.chunk.len() - 2], usize::MAX),
+            },
         }
+    }
+
+    /// Adds the shared gzip chunk (compressed when the SSE bytes reach `min_bytes`).
+    pub fn with_gzip(mut self, min_bytes: usize) -> Frame {
+        self.gz = Some(crate::gzip::gzip_chunk(&self.chunk[self.body_start..self.chunk.len() - 2], min_bytes));
+        self
     }
 
     /// The same frame in freshly allocated memory (a refcount of its own).
     pub fn copied(&self) -> Frame {
-        Frame { chunk: Bytes::copy_from_slice(&self.chunk), body_start: self.body_start }
+        Frame {
+            chunk: Bytes::copy_from_slice(&self.chunk),
+            body_start: self.body_start,
+            gz: self.gz.as_ref().map(|gz| Bytes::copy_from_slice(gz)),
+        }
     }
 
     /// Wraps ready SSE bytes in a chunk.
@@ -68,7 +95,7 @@ impl Frame {
         let body_start = put_chunk_head(&mut out, sse.len());
         out.put_slice(sse);
         out.put_slice(b"\r\n");
-        Frame { chunk: out.freeze(), body_start }
+        Frame { chunk: out.freeze(), body_start, gz: None }
     }
 }
 
@@ -141,7 +168,7 @@ pub fn encode_event(id: EventId, event: Option<&str>, data: &str) -> Frame {
     out.put_u8(b'\n');
     debug_assert_eq!(out.len() - body_start, sse_len);
     out.put_slice(b"\r\n");
-    Frame { chunk: out.freeze(), body_start }
+    Frame { chunk: out.freeze(), body_start, gz: None }
 }
 
 /// A server notice (`ringcast-gap`, `ringcast-history-end`): a named event without an id, so
