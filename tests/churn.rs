@@ -38,21 +38,21 @@ fn churn(addr: SocketAddr, cycles: usize, topic: fn(usize) -> String) {
 }
 
 /// Waits until no stream is left; the metrics request itself is the only open connection.
-fn settle(server: &Server, what: &str) {
+fn settle(server: &Server) {
     server.wait_for_metric("ringcast_subscribers", Duration::from_secs(20), |v| v == 0.0);
-    let conns = metric(&server.metrics(), "ringcast_connections");
-    assert!(conns <= 1.0, "{what}: ringcast_connections = {conns}, only /metrics is open");
+    // Earlier /metrics connections close asynchronously; only the current one may remain.
+    server.wait_for_metric("ringcast_connections", Duration::from_secs(20), |v| v <= 1.0);
 }
 
 #[test]
 fn ten_thousand_stream_cycles_leave_nothing_behind() {
     let server = Server::start(&[]);
     churn(server.addr, 1000, |i| format!("churn-{}", i % 50));
-    settle(&server, "after warm-up");
+    settle(&server);
     let warm = server.rss_bytes();
 
     churn(server.addr, 10_000, |i| format!("churn-{}", i % 50));
-    settle(&server, "after 10,000 cycles");
+    settle(&server);
     let after = server.rss_bytes();
     assert!(
         after <= warm + RSS_SLACK,
@@ -70,7 +70,7 @@ fn ten_thousand_stream_cycles_leave_nothing_behind() {
 fn unique_topics_leave_the_topic_index_empty() {
     let server = Server::start(&[]);
     churn(server.addr, 2000, |i| format!("unique-{i}"));
-    settle(&server, "after unique-topic churn");
+    settle(&server);
     let topics = server.wait_for_metric("ringcast_topics", Duration::from_secs(20), |v| v == 0.0);
     assert_eq!(topics, 0.0);
     let m = server.metrics();

@@ -3,7 +3,7 @@
 mod support;
 
 use std::time::Duration;
-use support::{events_path, parse_id, show, Server, SseItem, SseStream};
+use support::{events_path, parse_id, show, Server, SseItem, SseParser, SseStream};
 
 #[test]
 fn stream_head_is_exactly_the_contract() {
@@ -33,8 +33,10 @@ fn opening_chunk_is_retry_then_comment_without_blank_line() {
     assert!(text.lines().any(|l| l.starts_with(':')), "opening chunk {text:?} has no comment line");
     assert!(!text.contains("\n\n"), "opening chunk {text:?} has a blank line (phantom event in httpx-sse)");
     assert_eq!(text, "retry: 2000\n:ok\n", "contract: first chunk");
-    assert_eq!(s.next_item().unwrap(), Some(SseItem::Retry("2000".into())));
-    assert_eq!(s.next_item().unwrap(), Some(SseItem::Comment("ok".into())));
+    assert_eq!(
+        SseParser::default().push(&first).unwrap(),
+        vec![SseItem::Retry("2000".into()), SseItem::Comment("ok".into())]
+    );
 }
 
 #[test]
@@ -61,13 +63,13 @@ fn cr_lf_and_crlf_all_split_data_lines() {
         format!("id: {id}\ndata: a\ndata: b\ndata: c\ndata: d\n\n"),
         "publishing a\\r\\nb\\rc\\nd must give 4 data lines"
     );
-    let ev = s.next_item().unwrap();
-    match ev {
-        Some(SseItem::Event(ev)) => {
+    let items = SseParser::default().push(chunk.as_bytes()).unwrap();
+    match &items[..] {
+        [SseItem::Event(ev)] => {
             assert_eq!(ev.data_lines, 4);
             assert_eq!(ev.data, "a\nb\nc\nd");
         }
-        other => panic!("expected the event, got {other:?}"),
+        other => panic!("expected one event, parsed {other:?}"),
     }
 }
 

@@ -792,14 +792,20 @@ impl SseStream {
     }
 
     /// The next body chunk (raw payload); `None` once the stream has ended.
-    /// For HTTP/1.0 streams a "chunk" is whatever one read returned.
+    /// For HTTP/1.0 streams a "chunk" is whatever one read returned. The chunk still passes
+    /// through the event parser (so line state and `parser()` stay true), but the items it
+    /// yields are dropped: the chunk *is* what the caller consumed.
     pub fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let chunk = self.read_chunk()?;
+        if let (Some(chunk), true) = (&chunk, self.parse) {
+            self.parser.push(chunk).map_err(invalid)?;
+        }
+        Ok(chunk)
+    }
+
+    fn read_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
         loop {
             if let Some(chunk) = self.chunks.pop_front() {
-                if self.parse {
-                    let items = self.parser.push(&chunk).map_err(invalid)?;
-                    self.items.extend(items);
-                }
                 return Ok(Some(chunk));
             }
             if self.ended {
@@ -833,9 +839,11 @@ impl SseStream {
             if let Some(item) = self.items.pop_front() {
                 return Ok(Some(item));
             }
-            if self.next_chunk()?.is_none() {
+            let Some(chunk) = self.read_chunk()? else {
                 return Ok(None);
-            }
+            };
+            let items = self.parser.push(&chunk).map_err(invalid)?;
+            self.items.extend(items);
         }
     }
 
