@@ -45,7 +45,8 @@ pub struct Args {
     #[arg(long)]
     pub http10: bool,
 
-    /// Publish this many events per second in total (rate mode, see --duration).
+    /// Publish this many events per second in total for --duration (default mode,
+    /// 100/s). Publishing stops at the end of --duration even when behind schedule.
     #[arg(short = 'r', long, conflicts_with = "burst")]
     pub rate: Option<f64>,
 

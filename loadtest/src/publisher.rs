@@ -202,11 +202,13 @@ impl PubWorker {
                 let offset = self.id as f64 * 1e9 / rate;
                 let end = start_ns + duration.as_nanos() as u64;
                 for k in 0u64.. {
+                    // Behind schedule, events go out back to back; nothing
+                    // is sent after the end of the duration.
                     let due = start_ns + (offset + k as f64 * interval) as u64;
-                    if due >= end || self.stop.load(Ordering::Relaxed) {
+                    let now = mono_ns();
+                    if due >= end || now >= end || self.stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let now = mono_ns();
                     if due > now + 50_000 {
                         std::thread::sleep(Duration::from_nanos(due - now));
                     }

@@ -27,7 +27,13 @@ impl Shard {
     pub fn progress(&self) -> Progress {
         match self {
             Shard::Local(g) => g.progress(),
-            Shard::Child(c) => c.state.lock().unwrap_or_else(|e| e.into_inner()).progress.clone(),
+            Shard::Child(c) => {
+                let s = c.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut p = s.progress.clone();
+                // A child that died early must not hold up the connect phase.
+                p.connect_done |= s.exited;
+                p
+            }
         }
     }
 
@@ -51,6 +57,8 @@ impl Shard {
 struct ChildState {
     progress: Progress,
     result: Option<ShardResult>,
+    /// Its stdout closed (it exited or is about to).
+    exited: bool,
 }
 
 /// A child process holding some subscribers.

@@ -229,19 +229,29 @@ impl Worker {
         })
     }
 
-    fn run(mut self) -> io::Result<ThreadResult> {
+    fn run(self) -> io::Result<ThreadResult> {
+        let shared = self.shared.clone();
+        let mut connect_done = false;
+        let result = self.event_loop(&mut connect_done);
+        if !connect_done {
+            // Failed early: do not hold up the connect phase.
+            shared.threads_connect_done.fetch_add(1, Ordering::AcqRel);
+        }
+        result
+    }
+
+    fn event_loop(mut self, connect_done: &mut bool) -> io::Result<ThreadResult> {
         let mut events: Vec<libc::epoll_event> = Vec::with_capacity(EVENT_BATCH);
         let mut buf = vec![0u8; READ_BUF];
-        let mut connect_done = false;
         while !self.shared.stop.load(Ordering::Acquire) {
-            if !connect_done {
+            if !*connect_done {
                 if self.shared.cutoff.load(Ordering::Acquire) {
                     self.cut_off();
                 } else {
                     self.start_connects();
                 }
                 if self.next_to_start == self.conns.len() && self.inflight == 0 {
-                    connect_done = true;
+                    *connect_done = true;
                     self.flush();
                     self.shared.threads_connect_done.fetch_add(1, Ordering::AcqRel);
                 }
