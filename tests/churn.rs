@@ -54,6 +54,7 @@ fn ten_thousand_stream_cycles_leave_nothing_behind() {
     churn(server.addr, 10_000, |i| format!("churn-{}", i % 50));
     settle(&server);
     let after = server.rss_bytes();
+    eprintln!("server RSS: {} KiB after warm-up, {} KiB after 10,000 cycles", warm / 1024, after / 1024);
     assert!(
         after <= warm + RSS_SLACK,
         "RSS grew from {} KiB after warm-up to {} KiB after 10,000 cycles",

@@ -2,7 +2,8 @@
 
 mod support;
 
-use std::time::Duration;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 use support::{parse_id, post_request, publish_id, Server, SseStream};
 
 /// True when the kernel refuses io_uring to this process (`kernel.io_uring_disabled=2`).
@@ -10,9 +11,9 @@ fn uring_disabled() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").map(|s| s.trim() == "2").unwrap_or(false)
 }
 
-fn core_checks(driver: &str) {
-    let server = Server::start(&["--driver", driver, "--cores", "2"]);
-    let what = |s: &str| format!("--driver {driver}: {s}");
+/// The core subset of stream/publish behaviour against a running server.
+fn core_checks(server: &Server, label: &str) {
+    let what = |s: &str| format!("{label}: {s}");
 
     // Stream head and opening chunk.
     let mut s = SseStream::open(server.addr, "/events?topic=d1&topic=d2").expect("open");
@@ -82,9 +83,14 @@ fn core_checks(driver: &str) {
     server.wait_for_metric("ringcast_subscribers", Duration::from_secs(10), |v| v == 0.0);
 }
 
+fn run_core_checks(args: &[&str]) {
+    let server = Server::start(args);
+    core_checks(&server, &args.join(" "));
+}
+
 #[test]
 fn epoll_driver() {
-    core_checks("epoll");
+    run_core_checks(&["--driver", "epoll", "--cores", "2"]);
 }
 
 #[test]
@@ -93,10 +99,53 @@ fn uring_driver() {
         eprintln!("SKIPPED: kernel.io_uring_disabled=2; --driver uring cannot run here");
         return;
     }
-    core_checks("uring");
+    run_core_checks(&["--driver", "uring", "--cores", "2"]);
 }
 
 #[test]
 fn auto_driver() {
-    core_checks("auto");
+    run_core_checks(&["--driver", "auto", "--cores", "2"]);
+}
+
+#[test]
+fn batched_writes_keep_events_whole_and_ordered() {
+    run_core_checks(&["--batch-window", "20ms", "--cores", "2"]);
+}
+
+#[test]
+fn auto_falls_back_to_epoll_when_the_ring_cannot_be_built() {
+    // 65536 entries is refused by the kernel (EINVAL), so io_uring cannot be built.
+    let server = Server::start(&["--driver", "auto", "--uring-entries", "65536", "--log-level", "info"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.stderr_log().contains("falling back to epoll") {
+        assert!(Instant::now() < deadline, "no fallback log line; stderr:\n{}", server.stderr_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    core_checks(&server, "auto fallback to epoll");
+}
+
+#[test]
+fn uring_driver_that_cannot_be_built_exits_1() {
+    let mut child = support::command()
+        .args(["--listen", "127.0.0.1:0", "--driver", "uring", "--uring-entries", "65536"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("--driver uring with an unbuildable ring kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(1), "exit status {status}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening on"), "it started listening");
 }
