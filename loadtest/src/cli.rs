@@ -71,6 +71,10 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
 
+    /// Publisher connect / response timeout; a publisher that hits it stops publishing.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub publish_timeout: Duration,
+
     /// Subscriber threads in total (each runs its own epoll loop); default: CPUs.
     #[arg(short = 't', long)]
     pub threads: Option<usize>,

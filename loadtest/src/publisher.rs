@@ -25,6 +25,8 @@ pub struct PubConfig {
     pub mode: PublishMode,
     pub publishers: usize,
     pub pipeline: usize,
+    /// Connect / write / response timeout; a publisher that hits it stops.
+    pub timeout: Duration,
 }
 
 /// What the publishers did.
@@ -76,6 +78,7 @@ impl Publishers {
                 conn: None,
                 seq: vec![0; cfg.paths.len()],
                 next_topic: id % cfg.paths.len(),
+                gave_up: false,
                 result: PubResult {
                     published_by_topic: vec![0; cfg.paths.len()],
                     errors: 0,
@@ -118,10 +121,11 @@ struct PubConn {
 }
 
 impl PubConn {
-    fn open(addr: &SocketAddr) -> io::Result<PubConn> {
-        let stream = TcpStream::connect_timeout(addr, Duration::from_secs(5))?;
+    fn open(addr: &SocketAddr, timeout: Duration) -> io::Result<PubConn> {
+        let stream = TcpStream::connect_timeout(addr, timeout)?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
         Ok(PubConn { reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?), writer: stream })
     }
 
@@ -180,6 +184,8 @@ struct PubWorker {
     /// Next sequence number per topic.
     seq: Vec<u64>,
     next_topic: usize,
+    /// The server stopped answering: publish nothing more.
+    gave_up: bool,
     result: PubResult,
 }
 
@@ -190,7 +196,7 @@ impl PubWorker {
             PublishMode::Burst { count } => {
                 let mine = count / n + u64::from((self.id as u64) < count % n);
                 let mut done = 0;
-                while done < mine && !self.stop.load(Ordering::Relaxed) {
+                while done < mine && !self.gave_up && !self.stop.load(Ordering::Relaxed) {
                     let batch = (mine - done).min(self.cfg.pipeline as u64) as usize;
                     self.publish_batch(batch);
                     done += batch as u64;
@@ -206,7 +212,7 @@ impl PubWorker {
                     // is sent after the end of the duration.
                     let due = start_ns + (offset + k as f64 * interval) as u64;
                     let now = mono_ns();
-                    if due >= end || now >= end || self.stop.load(Ordering::Relaxed) {
+                    if due >= end || now >= end || self.gave_up || self.stop.load(Ordering::Relaxed) {
                         break;
                     }
                     if due > now + 50_000 {
@@ -231,7 +237,7 @@ impl PubWorker {
     /// Writes `batch` requests back to back, then reads their responses.
     fn publish_batch(&mut self, batch: usize) {
         if self.conn.is_none() {
-            match PubConn::open(&self.cfg.target) {
+            match PubConn::open(&self.cfg.target, self.cfg.timeout) {
                 Ok(c) => self.conn = Some(c),
                 Err(e) => {
                     self.error(batch as u64, || format!("publisher connect: {e}"));
@@ -290,6 +296,13 @@ impl PubWorker {
                 }
                 Err(e) => {
                     self.conn = None;
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+                        self.gave_up = true;
+                        let secs = self.cfg.timeout.as_secs_f64();
+                        return self.error((batch - i) as u64, || {
+                            format!("publish response timed out after {secs}s; publisher stopped")
+                        });
+                    }
                     return self.error((batch - i) as u64, || format!("publish response: {e}"));
                 }
             }

@@ -19,6 +19,7 @@ pub struct Report {
     pub topics: usize,
     pub publishers: usize,
     pub processes: usize,
+    /// Subscriber threads per process.
     pub threads: usize,
     pub connect: ConnectReport,
     pub publish: PublishReport,
@@ -119,7 +120,7 @@ impl Report {
         };
         let _ = writeln!(
             o,
-            "{} subscribers on {} topic(s) at {} ({} process(es), {} thread(s)); {}, {} B events, {} publisher(s)",
+            "{} subscribers on {} topic(s) at {} ({} process(es) x {} thread(s)); {}, {} B events, {} publisher(s)",
             self.subscribers, self.topics, self.target, self.processes, self.threads, mode, self.size, self.publishers
         );
         let c = &self.connect;

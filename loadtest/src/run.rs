@@ -163,6 +163,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
         mode,
         publishers: args.publishers,
         pipeline: if matches!(mode, PublishMode::Burst { .. }) { args.pipeline } else { 1 },
+        timeout: args.publish_timeout,
     };
     let server_pub_start = sample_server(args.server_pid)?;
     let pub_start = Instant::now();

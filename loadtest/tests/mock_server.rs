@@ -235,3 +235,26 @@ fn refused_connections_are_counted() {
     assert_eq!(r["publish"]["errors"], 3);
     assert!(r["first_error"].as_str().unwrap().contains("refused"), "{r}");
 }
+
+#[test]
+fn connect_timeout_cuts_off_silent_servers() {
+    // The kernel completes the handshakes (backlog), but nobody ever answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_ringcast-loadtest"))
+        .arg(format!("http://{addr}"))
+        .args(["--json", "-q", "-c", "4", "--burst", "1", "--grace", "100ms"])
+        .args(["--connect-timeout", "500ms", "--publish-timeout", "1s"])
+        .output()
+        .unwrap();
+    drop(listener);
+    assert!(out.status.success());
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["connect"]["connected"], 0, "{r}");
+    assert_eq!(r["connect"]["failed"], 4, "{r}");
+    assert!(r["connect"]["seconds"].as_f64().unwrap() >= 0.5, "{r}");
+    assert!(r["first_error"].as_str().unwrap().contains("timeout"), "{r}");
+    assert_eq!(r["publish"]["errors"], 1, "{r}");
+}
