@@ -152,7 +152,11 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool) {
         }
 
         match (req.path.as_str(), req.method) {
-            ("/events", Method::Get) => return stream_events(worker, stream, req, out).await,
+            ("/events", Method::Get) => {
+                // Bytes after a stream request are ignored; free the buffer for the stream's life.
+                drop(buf);
+                return stream_events(worker, stream, req, out).await;
+            }
             ("/publish", Method::Post) => {
                 let published = match parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics) {
                     Ok(p) => worker.publish(p).await,
@@ -299,6 +303,7 @@ async fn stream_events(worker: Rc<Worker>, mut stream: TcpStream, req: Request, 
 
     let fd = stream.as_raw_fd();
     let key = worker.hub.borrow_mut().subscribe(&topics, fd, wire, live, first, worker.stats());
+    worker.hub.borrow_mut().flush_one(key);
     if !live {
         worker.request_replay(key, topics, from, end_marker);
     }

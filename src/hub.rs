@@ -1,7 +1,7 @@
 //! Per-core subscriber table: a slab of streams, the topic index, and local fan-out.
 
 use crate::broker::Event;
-use crate::frames::FrameBatch;
+use crate::frames::{FrameBatch, MAX_IOVECS};
 use crate::gzip::HEARTBEAT_GZIP;
 use crate::metrics::CoreStats;
 use crate::sse::{Frame, Wire, HEARTBEAT_CHUNK, HEARTBEAT_RAW, LAST_CHUNK};
@@ -44,6 +44,10 @@ pub struct Subscriber {
     live: bool,
     /// Waiting in the batch window (`Hub::held`) for its write.
     held: bool,
+    /// Listed in `Hub::dirty`: has frames for the next `flush`.
+    dirty: bool,
+    /// The writer task has a write in flight: frames must wait for it (order).
+    writing: bool,
 }
 
 /// Tag of frames that are not events (opening, heartbeat, replay, retry).
@@ -86,6 +90,10 @@ pub struct Hub {
     /// Streams with frames held for the batch window; released together by `release_held`.
     held: Vec<StreamKey>,
     flusher: Option<Waker>,
+    /// Streams with frames for the next `flush`.
+    dirty: Vec<StreamKey>,
+    /// Scratch iovec array for `flush` (reused; IOV_MAX entries at most).
+    iovecs: Vec<libc::iovec>,
     /// Streams with `Wire::Gzip` (the broker compresses frames only while there are some).
     gzip_subs: usize,
 }
@@ -142,6 +150,62 @@ impl Subscriber {
         }
     }
 
+    /// One nonblocking gather-send of the queue (see `Hub::flush`).
+    fn send_now(&mut self, iovecs: &mut Vec<libc::iovec>) {
+        if self.writing || self.state == StreamState::Dead {
+            return;
+        }
+        while !self.queue.is_empty() {
+            iovecs.clear();
+            let mut offered = 0;
+            for (frame, _) in self.queue.iter().take(MAX_IOVECS) {
+                iovecs.push(libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() });
+                offered += frame.len();
+            }
+            // SAFETY: msghdr is plain data; every iovec points into a `Bytes` held by the queue,
+            // which is not touched until sendmsg returns.
+            let sent = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = iovecs.as_mut_ptr();
+                msg.msg_iovlen = iovecs.len() as _;
+                libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if sent < 0 {
+                let err = std::io::Error::last_os_error().raw_os_error();
+                if !matches!(err, Some(libc::EAGAIN | libc::EINTR)) {
+                    // The peer is gone (EPIPE, ECONNRESET...): close.
+                    self.state = StreamState::Dead;
+                    self.queue.clear();
+                    kick(self.fd);
+                }
+                break;
+            }
+            self.consume(sent as usize);
+            if (sent as usize) < offered {
+                break; // socket buffer full
+            }
+        }
+        // Leftovers (a full socket), a finished drain or a dead peer are the writer's job.
+        if !self.queue.is_empty() || self.state != StreamState::Open {
+            self.wake();
+        }
+    }
+
+    /// Drops `n` sent bytes from the front of the queue.
+    fn consume(&mut self, mut n: usize) {
+        self.pending_bytes = self.pending_bytes.saturating_sub(n);
+        while n > 0 {
+            let Some((front, _)) = self.queue.front_mut() else { break };
+            if n >= front.len() {
+                n -= front.len();
+                self.queue.pop_front();
+            } else {
+                let _ = front.split_to(n);
+                n = 0;
+            }
+        }
+    }
+
     /// Drops every queued event superseded by a newer one of the same tag, and those of
     /// `incoming` (a newer one is being queued); returns how many were dropped.
     fn conflate(&mut self, incoming: u64) -> u64 {
@@ -166,6 +230,13 @@ impl Subscriber {
     }
 }
 
+fn mark_dirty(dirty: &mut Vec<StreamKey>, sub: &mut Subscriber, key: usize) {
+    if !sub.dirty {
+        sub.dirty = true;
+        dirty.push(StreamKey { key, id: sub.id });
+    }
+}
+
 /// Conflation tag of an event: its topic set (the first topic for the common single-topic case).
 fn topic_tag(topics: &[Box<str>]) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -184,6 +255,8 @@ impl Hub {
             limits,
             held: Vec::new(),
             flusher: None,
+            dirty: Vec::new(),
+            iovecs: Vec::new(),
             gzip_subs: 0,
         }
     }
@@ -236,6 +309,8 @@ impl Hub {
             wire,
             live,
             held: false,
+            dirty: false,
+            writing: false,
         });
         self.gzip_subs += usize::from(wire == Wire::Gzip);
         self.publish_counts(stats);
@@ -263,7 +338,7 @@ impl Hub {
 
     /// Fans one event out to this core's subscribers of its topics, once per subscriber.
     pub fn publish(&mut self, event: &Event, stats: &CoreStats) {
-        let Hub { subs, topics, scratch, limits, held, flusher, .. } = self;
+        let Hub { subs, topics, scratch, limits, held, flusher, dirty, .. } = self;
         scratch.clear();
         for topic in event.topics.iter() {
             if let Some(set) = topics.get(&**topic) {
@@ -297,7 +372,7 @@ impl Hub {
             }
             delivered += 1;
             if !limits.windowed || sub.queue.len() >= limits.batch_max {
-                sub.wake();
+                mark_dirty(dirty, sub, key);
             } else if !sub.held {
                 sub.held = true;
                 if held.is_empty() {
@@ -327,14 +402,37 @@ impl Hub {
         }
     }
 
-    /// The batch window ended: wake every held stream's writer.
+    /// The batch window ended: every held stream writes what it has.
     pub fn release_held(&mut self) {
-        for sk in self.held.drain(..) {
+        for sk in std::mem::take(&mut self.held) {
             if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
                 sub.held = false;
-                sub.wake();
+                mark_dirty(&mut self.dirty, sub, sk.key);
             }
         }
+        self.flush();
+    }
+
+    /// Sends what dirty streams have queued, directly: one nonblocking `sendmsg` per stream
+    /// gathers all its pending frames (the shared `Bytes`, no copy). This is the hot path: no
+    /// task wake-up, no future, one syscall per stream per core wake-up. Only a stream whose
+    /// socket is full (EAGAIN or a short send) wakes its writer task, which waits for room.
+    pub fn flush(&mut self) {
+        let Hub { subs, dirty, iovecs, .. } = self;
+        for sk in dirty.drain(..) {
+            if let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
+                sub.dirty = false;
+                sub.send_now(iovecs);
+            }
+        }
+    }
+
+    /// `flush` for one stream (its opening bytes, or a replay outside the mailbox loop).
+    pub fn flush_one(&mut self, sk: StreamKey) {
+        if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
+            mark_dirty(&mut self.dirty, sub, sk.key);
+        }
+        self.flush();
     }
 
     /// Queues what the broker replayed for a stream and makes it live. Replayed bytes are
@@ -349,13 +447,13 @@ impl Hub {
         for frame in frames {
             sub.queue.push_back((frame.for_stream(sub.wire), NO_TAG));
         }
-        sub.wake();
+        mark_dirty(&mut self.dirty, sub, sk.key);
     }
 
     /// Queues the shared heartbeat comment on every open stream.
     pub fn heartbeat(&mut self, stats: &CoreStats) {
         let mut dropped = 0;
-        for (_, sub) in self.subs.iter_mut() {
+        for (key, sub) in self.subs.iter_mut() {
             let beat = match sub.wire {
                 Wire::Chunked => HEARTBEAT_CHUNK,
                 Wire::Raw => HEARTBEAT_RAW,
@@ -363,17 +461,19 @@ impl Hub {
             };
             match sub.enqueue(Bytes::from_static(beat), NO_TAG, self.limits.max_queued, self.limits.slow) {
                 Queued::Dropped => dropped += 1,
-                _ => sub.wake(),
+                Queued::Closed => {}
+                _ => mark_dirty(&mut self.dirty, sub, key),
             }
         }
         if dropped > 0 {
             stats.slow_disconnects.fetch_add(dropped, Ordering::Relaxed);
         }
+        self.flush();
     }
 
     /// Drain: every open stream gets `retry:` (from `retry`), the last chunk, and is closed.
     pub fn close_all(&mut self, mut retry: impl FnMut() -> Frame) {
-        for (_, sub) in self.subs.iter_mut() {
+        for (key, sub) in self.subs.iter_mut() {
             if sub.state != StreamState::Open {
                 continue;
             }
@@ -383,8 +483,11 @@ impl Hub {
                 sub.queue.push_back((Bytes::from_static(LAST_CHUNK), NO_TAG));
             }
             sub.state = StreamState::Closing;
+            // The writer ends the stream once the queue is empty.
             sub.wake();
+            mark_dirty(&mut self.dirty, sub, key);
         }
+        self.flush();
     }
 
     /// Closes every stream now (end of the drain period).
@@ -429,13 +532,16 @@ impl Hub {
             let Some((frame, _)) = sub.queue.pop_front() else { break };
             batch.push(frame);
         }
+        sub.writing = true;
         Poll::Ready(true)
     }
 
-    /// A batch of `n` bytes left the process: it no longer counts against the queue bound.
+    /// The writer's batch of `n` bytes left the process: it no longer counts against the
+    /// queue bound, and direct sends may resume.
     pub fn written(&mut self, sk: StreamKey, n: usize) {
         if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
             sub.pending_bytes = sub.pending_bytes.saturating_sub(n);
+            sub.writing = false;
         }
     }
 }

@@ -86,7 +86,9 @@ impl Worker {
         let msg = BrokerMsg::Replay { core: self.index, key, topics, from, end_marker };
         if self.broker.try_send(msg).is_err() {
             let notice = encode_notice("ringcast-gap", r#"{"reason":"busy"}"#);
-            self.hub.borrow_mut().replay(key, &[notice]);
+            let mut hub = self.hub.borrow_mut();
+            hub.replay(key, &[notice]);
+            hub.flush_one(key);
         }
     }
 
@@ -267,10 +269,12 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
             }
             budget -= 1;
             if budget == 0 {
+                worker.hub.borrow_mut().flush();
                 yield_now().await;
                 budget = MAILBOX_BUDGET;
             }
         }
+        worker.hub.borrow_mut().flush();
     }
 
     // Drain: stop accepting, tell every stream when to come back, close, and leave in time.
