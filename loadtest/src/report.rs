@@ -31,12 +31,16 @@ pub struct Report {
     pub loadtest_cpu_s: f64,
     /// Errors in total (connect failures + disconnects + publish errors).
     pub errors: u64,
+    /// The first subscriber error, else the first publisher error.
     pub first_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectReport {
+    /// Subscribers that got a `200` response head.
     pub connected: u64,
+    /// Streams still open when publishing started (the basis of `expected`).
+    pub open_at_publish: u64,
     pub failed: u64,
     /// Wall time of the connect phase.
     pub seconds: f64,
@@ -49,6 +53,7 @@ pub struct PublishReport {
     /// Events the server accepted (2xx).
     pub published: u64,
     pub errors: u64,
+    pub first_error: Option<String>,
     pub seconds: f64,
     pub rate: f64,
     /// Request -> response round trip.
@@ -126,8 +131,9 @@ impl Report {
         let c = &self.connect;
         let _ = writeln!(
             o,
-            "connect:   {} connected, {} failed in {:.2}s; per connection {}",
+            "connect:   {} connected ({} open at first publish), {} failed in {:.2}s; per connection {}",
             c.connected,
+            c.open_at_publish,
             c.failed,
             c.seconds,
             fmt_summary(&c.time)
@@ -168,6 +174,9 @@ impl Report {
         let _ = writeln!(o, "loadtest:  cpu {:.2}s", self.loadtest_cpu_s);
         if self.errors > 0 {
             let _ = writeln!(o, "errors:    {} (first: {})", self.errors, self.first_error.as_deref().unwrap_or("?"));
+            if let (Some(e), true) = (&self.publish.first_error, self.publish.first_error != self.first_error) {
+                let _ = writeln!(o, "           first publish error: {e}");
+            }
         }
         o
     }

@@ -98,7 +98,7 @@ fn total_progress(shards: &[Shard]) -> Progress {
         let p = s.progress();
         total.counters.add(&p.counters);
         total.connect_done &= p.connect_done;
-        stats::add_by_topic(&mut total.connected_by_topic, &p.connected_by_topic);
+        stats::add_by_topic(&mut total.open_by_topic, &p.open_by_topic);
     }
     total
 }
@@ -150,8 +150,9 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
     };
     let connect_seconds = connect_start.elapsed().as_secs_f64();
     let server_connected = sample_server(args.server_pid)?;
-    let by_topic = connected.connected_by_topic.clone();
     std::thread::sleep(args.settle);
+    // Expected deliveries are based on the streams still open when publishing starts.
+    let by_topic = total_progress(&shards).open_by_topic;
 
     // Publish phase.
     let mode = args.publish_mode();
@@ -258,6 +259,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
         threads,
         connect: ConnectReport {
             connected: connected.counters.connected,
+            open_at_publish: by_topic.iter().sum(),
             failed: c.connect_failed,
             seconds: connect_seconds,
             time: Summary::of(&connect_hist),
@@ -265,6 +267,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
         publish: PublishReport {
             published: published.published(),
             errors: published.errors,
+            first_error: published.first_error.clone(),
             seconds: pub_seconds,
             rate: published.published() as f64 / pub_seconds.max(1e-9),
             rtt: Summary::of(&published.rtt),

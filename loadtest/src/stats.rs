@@ -151,17 +151,17 @@ pub struct Progress {
     pub counters: Counters,
     /// Every subscriber is connected or has failed: the connect phase is over.
     pub connect_done: bool,
-    /// Connected subscribers per topic index (filled once `connect_done`).
+    /// Open streams per topic index (filled once `connect_done`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub connected_by_topic: Vec<u64>,
+    pub open_by_topic: Vec<u64>,
 }
 
 /// Everything a group of subscribers reports at the end.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ShardResult {
     pub counters: Counters,
-    /// Connected subscribers per topic index.
-    pub connected_by_topic: Vec<u64>,
+    /// Open streams per topic index at the end.
+    pub open_by_topic: Vec<u64>,
     /// Publish->receive latency (ns), as [`to_pairs`].
     pub latency: Vec<(u64, u64)>,
     /// Connect (socket to response head) time (ns), as [`to_pairs`].
@@ -175,7 +175,7 @@ pub struct ShardResult {
 impl ShardResult {
     pub fn merge(&mut self, o: &ShardResult) {
         self.counters.add(&o.counters);
-        add_by_topic(&mut self.connected_by_topic, &o.connected_by_topic);
+        add_by_topic(&mut self.open_by_topic, &o.open_by_topic);
         self.latency.extend_from_slice(&o.latency);
         self.connect.extend_from_slice(&o.connect);
         self.cpu_seconds += o.cpu_seconds;
@@ -250,16 +250,16 @@ mod tests {
         assert_eq!(snap.connected, 2);
         assert_eq!(snap.errors(), 2);
 
-        let mut r = ShardResult { counters: snap, connected_by_topic: vec![1, 1], ..ShardResult::default() };
+        let mut r = ShardResult { counters: snap, open_by_topic: vec![1, 1], ..ShardResult::default() };
         let other = ShardResult {
             counters: snap,
-            connected_by_topic: vec![1, 2, 3],
+            open_by_topic: vec![1, 2, 3],
             first_error: Some("x".into()),
             cpu_seconds: 1.5,
             ..ShardResult::default()
         };
         r.merge(&other);
-        assert_eq!(r.connected_by_topic, vec![2, 3, 3]);
+        assert_eq!(r.open_by_topic, vec![2, 3, 3]);
         assert_eq!(r.counters.received, 20);
         assert_eq!(r.first_error.as_deref(), Some("x"));
         let json = serde_json::to_string(&r).unwrap();

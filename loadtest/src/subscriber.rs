@@ -59,13 +59,13 @@ struct Shared {
     counters: AtomicCounters,
     threads_connect_done: AtomicUsize,
     threads: usize,
-    connected_by_topic: Vec<AtomicU64>,
+    open_by_topic: Vec<AtomicU64>,
     first_error: Mutex<Option<String>>,
 }
 
 impl Shared {
-    fn connected_by_topic(&self) -> Vec<u64> {
-        self.connected_by_topic.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+    fn open_by_topic(&self) -> Vec<u64> {
+        self.open_by_topic.iter().map(|a| a.load(Ordering::Relaxed)).collect()
     }
 
     fn note_error(&self, msg: impl FnOnce() -> String) {
@@ -97,7 +97,7 @@ impl SubscriberGroup {
             counters: AtomicCounters::default(),
             threads_connect_done: AtomicUsize::new(0),
             threads,
-            connected_by_topic: (0..cfg.requests.len()).map(|_| AtomicU64::new(0)).collect(),
+            open_by_topic: (0..cfg.requests.len()).map(|_| AtomicU64::new(0)).collect(),
             first_error: Mutex::new(None),
         });
         let cfg = Arc::new(cfg);
@@ -116,7 +116,7 @@ impl SubscriberGroup {
         Progress {
             counters: self.shared.counters.snapshot(),
             connect_done,
-            connected_by_topic: if connect_done { self.connected_by_topic() } else { Vec::new() },
+            open_by_topic: if connect_done { self.open_by_topic() } else { Vec::new() },
         }
     }
 
@@ -125,8 +125,8 @@ impl SubscriberGroup {
         self.shared.cutoff.store(true, Ordering::Release);
     }
 
-    fn connected_by_topic(&self) -> Vec<u64> {
-        self.shared.connected_by_topic()
+    fn open_by_topic(&self) -> Vec<u64> {
+        self.shared.open_by_topic()
     }
 
     /// Stops the threads, closes the connections and returns the results.
@@ -147,7 +147,7 @@ impl SubscriberGroup {
         let first_error = self.shared.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
         ShardResult {
             counters: self.shared.counters.snapshot(),
-            connected_by_topic: self.shared.connected_by_topic(),
+            open_by_topic: self.shared.open_by_topic(),
             latency: stats::to_pairs(&latency),
             connect: stats::to_pairs(&connect),
             cpu_seconds: 0.0,
@@ -323,6 +323,7 @@ impl Worker {
         conn.parser = StreamParser::default();
         if conn.connected {
             self.delta.disconnected += 1;
+            self.shared.open_by_topic[conn.topic].fetch_sub(1, Ordering::Relaxed);
         } else {
             self.inflight -= 1;
             self.delta.connect_failed += 1;
@@ -401,7 +402,7 @@ impl Worker {
                 *connected = true;
                 delta.connected += 1;
                 *inflight -= 1;
-                shared.connected_by_topic[*topic].fetch_add(1, Ordering::Relaxed);
+                shared.open_by_topic[*topic].fetch_add(1, Ordering::Relaxed);
                 stats::record(connect, now.saturating_sub(*started_ns));
             }
             StreamEvent::Head { status } => {
