@@ -267,3 +267,17 @@ fn head_over_8k_is_431() {
     let resp = f.server.request(format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Ok: {ok}\r\n\r\n").as_bytes());
     resp.assert_status(200, "6000-byte header");
 }
+
+#[test]
+fn max_head_bytes_flag_sets_the_431_limit() {
+    let mut f = Fixture::start(&["--max-head-bytes", "1024"]);
+    let big = "v".repeat(1500);
+    f.expect_error(
+        format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+        431,
+        "1.5 KiB head with --max-head-bytes 1024",
+    );
+    let ok = "v".repeat(600);
+    let resp = f.server.request(format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Ok: {ok}\r\n\r\n").as_bytes());
+    resp.assert_status(200, "650-byte head with --max-head-bytes 1024");
+}
