@@ -6,7 +6,7 @@
 # 1. installs the system packages tests need, when missing (Debian: chromium for the browser
 #    test; redis-server and nginx for the proxy/fan-out tests);
 # 2. installs tests/browser's npm packages (playwright-core, from the lockfile) when missing;
-# 3. cargo fmt --check, cargo clippy -D warnings, cargo test --workspace --release.
+# 3. cargo fmt --check, cargo clippy -D warnings, cargo test --workspace --release --no-fail-fast.
 #
 # Environment:
 #   RINGCAST_TEST_PROFILE=debug   run `cargo test` in the debug profile instead of --release
@@ -115,12 +115,13 @@ done_section
 # One release build serves both the server and the test binaries, so the suite builds once.
 # The cost: debug assertions and overflow checks are off in the tests; clippy above still sees
 # all targets, and RINGCAST_TEST_PROFILE=debug runs the suite unoptimised when wanted.
+# --no-fail-fast: run every test binary and report all failures, not only the first one.
 if [ "${RINGCAST_TEST_PROFILE:-release}" = debug ]; then
-  section "cargo test --workspace (debug profile)"
-  cargo test --workspace
+  section "cargo test --workspace --no-fail-fast (debug profile)"
+  cargo test --workspace --no-fail-fast
 else
-  section "cargo test --workspace --release"
-  cargo test --workspace --release
+  section "cargo test --workspace --release --no-fail-fast"
+  cargo test --workspace --release --no-fail-fast
 fi
 done_section
 
