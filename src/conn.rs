@@ -202,6 +202,7 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
         "/events" | "/health" | "/metrics" => Some("GET, OPTIONS"),
         "/publish" => Some("POST, OPTIONS"),
+        "*" => Some("GET, POST, OPTIONS"),
         _ => None,
     }
 }
@@ -211,6 +212,7 @@ fn check_route(req: &Request) -> Result<(), HttpError> {
     let allow = allowed_methods(&req.path).ok_or(HttpError::NotFound)?;
     let ok = match req.method {
         Method::Options => true,
+        _ if req.path == "*" => false,
         Method::Get => allow.starts_with("GET"),
         Method::Post => allow.starts_with("POST"),
         Method::Head | Method::Other => false,

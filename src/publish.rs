@@ -44,6 +44,45 @@ fn check_event(event: Option<String>) -> Result<Option<Box<str>>, HttpError> {
     }
 }
 
+/// Decodes `application/x-www-form-urlencoded` strictly: percent-escapes that do not decode
+/// to UTF-8 are a 400, not silently replaced (the form crate decodes lossily).
+pub fn decode_form(input: &[u8]) -> Result<Vec<(String, String)>, HttpError> {
+    fn decode(part: &[u8]) -> Result<String, HttpError> {
+        let mut out = Vec::with_capacity(part.len());
+        let mut i = 0;
+        while i < part.len() {
+            match part[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < part.len() => {
+                    let hex =
+                        std::str::from_utf8(&part[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                    match hex {
+                        Some(b) => {
+                            out.push(b);
+                            i += 2;
+                        }
+                        None => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).map_err(|_| HttpError::BadRequest("form field is not UTF-8"))
+    }
+    input
+        .split(|&b| b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = match pair.iter().position(|&b| b == b'=') {
+                Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+                None => (pair, &b""[..]),
+            };
+            Ok((decode(k)?, decode(v)?))
+        })
+        .collect()
+}
+
 /// Builds a publish from the request's query, content type and whole body.
 pub fn parse_publish(
     query: &str,
@@ -54,10 +93,10 @@ pub fn parse_publish(
     let mime = content_type.map(|c| c.split(';').next().unwrap_or("").trim()).unwrap_or("");
     let mut topics: Vec<String> = Vec::new();
     let mut event: Option<String> = None;
-    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        match &*k {
-            "topic" => topics.push(v.into_owned()),
-            "event" => event = Some(v.into_owned()),
+    for (k, v) in decode_form(query.as_bytes())? {
+        match k.as_str() {
+            "topic" => topics.push(v),
+            "event" => event = Some(v),
             _ => {}
         }
     }
@@ -97,11 +136,11 @@ pub fn parse_publish(
             if form_urlencoded::parse(body).any(|(k, _)| matches!(&*k, "topic" | "event" | "data")) =>
         {
             let mut data = String::new();
-            for (k, v) in form_urlencoded::parse(body) {
-                match &*k {
-                    "topic" => topics.push(v.into_owned()),
-                    "event" => event = Some(v.into_owned()),
-                    "data" => data = v.into_owned(),
+            for (k, v) in decode_form(body)? {
+                match k.as_str() {
+                    "topic" => topics.push(v),
+                    "event" => event = Some(v),
+                    "data" => data = v,
                     _ => {}
                 }
             }
@@ -141,6 +180,22 @@ mod tests {
         assert_eq!((p.event.as_deref(), p.data.as_str()), (Some("e"), "x y\nz"));
         let p = parse_publish("topic=a", Some("application/x-www-form-urlencoded"), b"plain text", 64).unwrap();
         assert_eq!(p.data, "plain text");
+    }
+
+    #[test]
+    fn strict_form_decoding() {
+        assert_eq!(
+            decode_form(b"a=x+y%21&b=%E2%82%AC&c&d=%zz").unwrap(),
+            vec![
+                ("a".into(), "x y!".into()),
+                ("b".into(), "€".into()),
+                ("c".into(), String::new()),
+                ("d".into(), "%zz".into())
+            ]
+        );
+        assert!(decode_form(b"data=%FF%FE").is_err());
+        let form = Some("application/x-www-form-urlencoded");
+        assert!(parse_publish("", form, b"topic=a&data=%FF%FE", 64).is_err());
     }
 
     #[test]

@@ -255,6 +255,7 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
     'mailbox: loop {
         mailbox.ready().await;
         let mut budget = MAILBOX_BUDGET;
+        let mut acked = false;
         while let Some(msg) = mailbox.try_recv() {
             match msg {
                 CoreMsg::Events(events) => {
@@ -263,7 +264,10 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
                         hub.publish(event, worker.stats());
                     }
                 }
-                CoreMsg::Published { ticket, id } => worker.complete(ticket, id),
+                CoreMsg::Published { ticket, id } => {
+                    worker.complete(ticket, id);
+                    acked = true;
+                }
                 CoreMsg::Replay { key, frames } => worker.hub.borrow_mut().replay(key, &frames),
                 CoreMsg::Shutdown => break 'mailbox,
             }
@@ -273,6 +277,11 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
                 yield_now().await;
                 budget = MAILBOX_BUDGET;
             }
+        }
+        if acked {
+            // Publishers' answers (a few bytes each) go out before the fan-out's sends, so a
+            // publish round trip does not pay for writing to every subscriber.
+            yield_now().await;
         }
         worker.hub.borrow_mut().flush();
     }
