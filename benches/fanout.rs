@@ -13,11 +13,12 @@ fn fanout(c: &mut Criterion) {
     for subscribers in [1_000usize, 10_000] {
         let stats = CoreStats::default();
         let limits = HubLimits { max_queued: 1 << 20, slow: SlowPolicy::Disconnect, windowed: false, batch_max: 256 };
-        let mut hub = Hub::new(limits);
+        let hub = Hub::new(limits);
+        let mut hub = hub.borrow_mut();
         let topics: Vec<Box<str>> = vec!["prices".into()];
         for _ in 0..subscribers {
             // fd -1: nothing is ever sent (the bench never flushes).
-            hub.subscribe(&topics, -1, Wire::Chunked, true, Bytes::new(), &stats);
+            hub.subscribe(&topics, -1, None, Wire::Chunked, true, Bytes::new(), &stats);
         }
         hub.discard_queued();
         let id = EventId { ms: 1_796_230_263_034, seq: 1 };

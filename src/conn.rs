@@ -1,6 +1,5 @@
 //! One connection: read requests (pipelined, keep-alive), route them, or become an event stream.
 
-use crate::frames::FrameBatch;
 use crate::gzip;
 use crate::history::ReplayFrom;
 use crate::http::{
@@ -13,10 +12,10 @@ use crate::sse::{retry_frame, Wire, LAST_CHUNK, OPENING_SSE};
 use crate::worker::Worker;
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
@@ -33,8 +32,8 @@ const WATCH_BUF: usize = 64;
 /// Runs a connection so that a panic ends only this connection, never the core's runtime
 /// (monoio 0.2.4 lets a task's panic unwind out of `block_on`).
 pub async fn serve_guarded(worker: Rc<Worker>, stream: TcpStream, over_limit: bool) {
-    let _count = ConnectionCount(worker.shared.clone());
-    if CatchUnwind(serve(worker, stream, over_limit)).await.is_err() {
+    let count = ConnectionCount(worker.shared.clone());
+    if CatchUnwind(serve(worker, stream, over_limit, count)).await.is_err() {
         log::error!("a connection task panicked; the connection was closed");
     }
 }
@@ -108,7 +107,8 @@ async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError) {
     flush(stream, out).await;
 }
 
-async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool) {
+/// `count` holds this connection's place in the open-connection count until it closes.
+async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, count: ConnectionCount) {
     let cfg = worker.cfg.clone();
     let mut buf = BytesMut::new();
     let mut out: Vec<u8> = Vec::new();
@@ -155,7 +155,7 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool) {
             ("/events", Method::Get) => {
                 // Bytes after a stream request are ignored; free the buffer for the stream's life.
                 drop(buf);
-                return stream_events(worker, stream, req, out).await;
+                return stream_events(worker, stream, req, out, count).await;
             }
             ("/publish", Method::Post) => {
                 let published = match parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics) {
@@ -262,7 +262,13 @@ async fn read_body(
 }
 
 /// Turns the connection into an event stream until the client leaves, is too slow, or drain.
-async fn stream_events(worker: Rc<Worker>, mut stream: TcpStream, req: Request, mut out: Vec<u8>) {
+async fn stream_events(
+    worker: Rc<Worker>,
+    mut stream: TcpStream,
+    req: Request,
+    mut out: Vec<u8>,
+    count: ConnectionCount,
+) {
     let mut names: Vec<String> = Vec::new();
     let mut query_resume = None;
     let mut history = 0usize;
@@ -304,49 +310,25 @@ async fn stream_events(worker: Rc<Worker>, mut stream: TcpStream, req: Request, 
     let first = Bytes::from(out);
 
     let fd = stream.as_raw_fd();
-    let key = worker.hub.borrow_mut().subscribe(&topics, fd, wire, live, first, worker.stats());
+    let (rd, wr) = stream.into_split();
+    let key = worker.hub.borrow_mut().subscribe(&topics, fd, Some(wr), wire, live, first, worker.stats());
     worker.hub.borrow_mut().flush_one(key);
     if !live {
         worker.request_replay(key, topics, from, end_marker);
     }
-    let (rd, wr) = stream.into_split();
-    monoio::spawn(CatchUnwind(watch_close(worker.clone(), rd, key)));
-    let mut writer = StreamWriter { worker, key, wr };
-    writer.run().await;
+    // This task (and its request-parsing state) ends here: an idle stream costs only its hub
+    // entry and the small close watcher; writes happen in `Hub::flush` or a backlog writer.
+    monoio::spawn(CatchUnwind(watch_close(StreamGuard { worker, key, _count: count }, rd)));
 }
 
-/// Owns a stream's write half; dropping it removes the stream from the hub first, while the
-/// socket is still open (the removal shuts the socket down, which ends the close watcher).
-struct StreamWriter {
+/// Removes its stream from the hub when dropped (the watcher ended, or panicked).
+struct StreamGuard {
     worker: Rc<Worker>,
     key: StreamKey,
-    wr: OwnedWriteHalf<TcpStream>,
+    _count: ConnectionCount,
 }
 
-impl StreamWriter {
-    async fn run(&mut self) {
-        let mut batch = FrameBatch::new();
-        loop {
-            let more = poll_fn(|cx| self.worker.hub.borrow_mut().poll_frames(self.key, &mut batch, cx)).await;
-            if !more {
-                return;
-            }
-            let total = batch.total_len();
-            while !batch.is_empty() {
-                let (res, back) = self.wr.writev(batch).await;
-                batch = back;
-                match res {
-                    Ok(n) if n > 0 => batch.advance(n),
-                    _ => return,
-                }
-            }
-            self.worker.hub.borrow_mut().written(self.key, total);
-            batch.clear();
-        }
-    }
-}
-
-impl Drop for StreamWriter {
+impl Drop for StreamGuard {
     fn drop(&mut self) {
         if let Ok(mut hub) = self.worker.hub.try_borrow_mut() {
             hub.unsubscribe(self.key, self.worker.stats());
@@ -354,8 +336,9 @@ impl Drop for StreamWriter {
     }
 }
 
-/// Keeps one small read pending so a client's close (FIN or RST) is seen at once.
-async fn watch_close(worker: Rc<Worker>, mut rd: OwnedReadHalf<TcpStream>, key: StreamKey) {
+/// Keeps one small read pending so a client's close (FIN or RST) is seen at once; the server
+/// closes a stream the same way, by shutting its socket, which ends this read.
+async fn watch_close(guard: StreamGuard, mut rd: OwnedReadHalf<TcpStream>) {
     let mut buf = Vec::with_capacity(WATCH_BUF);
     loop {
         let (res, back) = rd.read(buf).await;
@@ -365,5 +348,5 @@ async fn watch_close(worker: Rc<Worker>, mut rd: OwnedReadHalf<TcpStream>, key: 
             _ => break,
         }
     }
-    worker.hub.borrow_mut().mark_dead(key);
+    drop(guard); // leaves the hub (dropping the write half) before the read half closes the fd
 }

@@ -6,10 +6,14 @@ use crate::gzip::HEARTBEAT_GZIP;
 use crate::metrics::CoreStats;
 use crate::sse::{Frame, Wire, HEARTBEAT_CHUNK, HEARTBEAT_RAW, LAST_CHUNK};
 use bytes::Bytes;
+use monoio::io::{AsyncWriteRent, OwnedWriteHalf};
+use monoio::net::TcpStream;
 use slab::Slab;
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::rc::Weak;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 
@@ -33,7 +37,6 @@ pub struct Subscriber {
     queue: VecDeque<(Bytes, u64)>,
     /// Queued plus in-flight bytes, bounded by --max-queued-bytes.
     pending_bytes: usize,
-    waker: Option<Waker>,
     state: StreamState,
     topics: Vec<(Rc<str>, usize)>,
     fd: RawFd,
@@ -46,8 +49,11 @@ pub struct Subscriber {
     held: bool,
     /// Listed in `Hub::dirty`: has frames for the next `flush`.
     dirty: bool,
-    /// The writer task has a write in flight: frames must wait for it (order).
+    /// A backlog writer task has a write in flight: frames must wait for it (order).
     writing: bool,
+    /// The write half, lent to the backlog writer while the socket is full. Dropped (FIN) when
+    /// the stream leaves the slab.
+    wr: Option<OwnedWriteHalf<TcpStream>>,
 }
 
 /// Tag of frames that are not events (opening, heartbeat, replay, retry).
@@ -94,6 +100,8 @@ pub struct Hub {
     dirty: Vec<StreamKey>,
     /// Scratch iovec array for `flush` (reused; IOV_MAX entries at most).
     iovecs: Vec<libc::iovec>,
+    /// This hub, for the backlog writer tasks it spawns.
+    me: Weak<RefCell<Hub>>,
     /// Streams with `Wire::Gzip` (the broker compresses frames only while there are some).
     gzip_subs: usize,
 }
@@ -117,12 +125,6 @@ fn kick(fd: RawFd) {
 }
 
 impl Subscriber {
-    fn wake(&mut self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
-    }
-
     /// Queues a frame within the byte bound (without waking the writer).
     fn enqueue(&mut self, frame: Bytes, tag: u64, max_queued: usize, policy: SlowPolicy) -> Queued {
         if self.state != StreamState::Open {
@@ -134,10 +136,7 @@ impl Subscriber {
                 conflated = self.conflate(tag);
             }
             if self.pending_bytes + frame.len() > max_queued {
-                self.state = StreamState::Dead;
-                self.queue.clear();
-                kick(self.fd);
-                self.wake();
+                self.kill();
                 return Queued::Dropped;
             }
         }
@@ -150,8 +149,9 @@ impl Subscriber {
         }
     }
 
-    /// One nonblocking gather-send of the queue (see `Hub::flush`).
-    fn send_now(&mut self, iovecs: &mut Vec<libc::iovec>) {
+    /// One nonblocking gather-send of the queue (see `Hub::flush`). A backlog left by a full
+    /// socket goes to a writer task (which waits for room); a drained closing stream is shut.
+    fn send_now(&mut self, iovecs: &mut Vec<libc::iovec>, hub: &Weak<RefCell<Hub>>, key: usize) {
         if self.writing || self.state == StreamState::Dead {
             return;
         }
@@ -173,10 +173,9 @@ impl Subscriber {
             if sent < 0 {
                 let err = std::io::Error::last_os_error().raw_os_error();
                 if !matches!(err, Some(libc::EAGAIN | libc::EINTR)) {
-                    // The peer is gone (EPIPE, ECONNRESET...): close.
-                    self.state = StreamState::Dead;
-                    self.queue.clear();
-                    kick(self.fd);
+                    // The peer is gone (EPIPE, ECONNRESET...): the close watcher removes it.
+                    self.kill();
+                    return;
                 }
                 break;
             }
@@ -185,10 +184,21 @@ impl Subscriber {
                 break; // socket buffer full
             }
         }
-        // Leftovers (a full socket), a finished drain or a dead peer are the writer's job.
-        if !self.queue.is_empty() || self.state != StreamState::Open {
-            self.wake();
+        if !self.queue.is_empty() {
+            if let (Some(wr), Some(hub)) = (self.wr.take(), hub.upgrade()) {
+                self.writing = true;
+                monoio::spawn(write_backlog(hub, StreamKey { key, id: self.id }, wr));
+            }
+        } else if self.state == StreamState::Closing {
+            kick(self.fd); // FIN after the queued bytes; the close watcher then removes it
         }
+    }
+
+    /// Close now: drop the queue and shut the socket (ends the close watcher's read).
+    fn kill(&mut self) {
+        self.state = StreamState::Dead;
+        self.queue.clear();
+        kick(self.fd);
     }
 
     /// Drops `n` sent bytes from the front of the queue.
@@ -246,8 +256,13 @@ fn topic_tag(topics: &[Box<str>]) -> u64 {
 }
 
 impl Hub {
-    pub fn new(limits: HubLimits) -> Self {
+    pub fn new(limits: HubLimits) -> Rc<RefCell<Hub>> {
+        Rc::new_cyclic(|me| RefCell::new(Hub::detached(limits, me.clone())))
+    }
+
+    fn detached(limits: HubLimits, me: Weak<RefCell<Hub>>) -> Hub {
         Hub {
+            me,
             subs: Slab::new(),
             topics: HashMap::new(),
             scratch: Vec::new(),
@@ -273,10 +288,12 @@ impl Hub {
 
     /// Adds a stream; `first` is queued before any event (the opening `retry:` and comment).
     /// A stream that is not `live` gets events only after `replay`.
+    #[allow(clippy::too_many_arguments)]
     pub fn subscribe(
         &mut self,
         topics: &[Box<str>],
         fd: RawFd,
+        wr: Option<OwnedWriteHalf<TcpStream>>,
         wire: Wire,
         live: bool,
         first: Bytes,
@@ -302,7 +319,6 @@ impl Hub {
             id,
             queue,
             pending_bytes,
-            waker: None,
             state: StreamState::Open,
             topics: slots,
             fd,
@@ -311,6 +327,7 @@ impl Hub {
             held: false,
             dirty: false,
             writing: false,
+            wr,
         });
         self.gzip_subs += usize::from(wire == Wire::Gzip);
         self.publish_counts(stats);
@@ -433,11 +450,11 @@ impl Hub {
     /// task wake-up, no future, one syscall per stream per core wake-up. Only a stream whose
     /// socket is full (EAGAIN or a short send) wakes its writer task, which waits for room.
     pub fn flush(&mut self) {
-        let Hub { subs, dirty, iovecs, .. } = self;
+        let Hub { subs, dirty, iovecs, me, .. } = self;
         for sk in dirty.drain(..) {
             if let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
                 sub.dirty = false;
-                sub.send_now(iovecs);
+                sub.send_now(iovecs, me, sk.key);
             }
         }
     }
@@ -498,8 +515,7 @@ impl Hub {
                 sub.queue.push_back((Bytes::from_static(LAST_CHUNK), NO_TAG));
             }
             sub.state = StreamState::Closing;
-            // The writer ends the stream once the queue is empty.
-            sub.wake();
+            // The stream is shut once its queue is sent (`send_now` / `write_backlog`).
             mark_dirty(&mut self.dirty, sub, key);
         }
         self.flush();
@@ -508,56 +524,68 @@ impl Hub {
     /// Closes every stream now (end of the drain period).
     pub fn kill_all(&mut self) {
         for (_, sub) in self.subs.iter_mut() {
-            sub.state = StreamState::Dead;
-            sub.queue.clear();
-            kick(sub.fd);
-            sub.wake();
+            sub.kill();
         }
     }
 
-    /// The client went away (its read ended): close the stream now.
-    pub fn mark_dead(&mut self, sk: StreamKey) {
-        if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
-            sub.state = StreamState::Dead;
-            sub.queue.clear();
-            kick(sub.fd);
-            sub.wake();
-        }
-    }
-
-    /// Moves queued frames into `batch`. `Ready(true)`: something to write;
-    /// `Ready(false)`: the stream is finished; `Pending`: nothing yet (waker stored).
-    pub fn poll_frames(&mut self, sk: StreamKey, batch: &mut FrameBatch, cx: &mut Context<'_>) -> Poll<bool> {
-        let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) else {
-            return Poll::Ready(false);
-        };
-        if sub.state == StreamState::Dead {
-            return Poll::Ready(false);
-        }
-        if sub.queue.is_empty() {
-            if sub.state == StreamState::Closing {
-                return Poll::Ready(false);
-            }
-            if !sub.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                sub.waker = Some(cx.waker().clone());
-            }
-            return Poll::Pending;
+    /// Moves queued frames into the backlog writer's `batch`; false when there is nothing
+    /// more to write (or the stream is gone or dead).
+    fn take_backlog(&mut self, sk: StreamKey, batch: &mut FrameBatch) -> bool {
+        let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { return false };
+        if sub.state == StreamState::Dead || sub.queue.is_empty() {
+            return false;
         }
         while !batch.is_full() {
             let Some((frame, _)) = sub.queue.pop_front() else { break };
             batch.push(frame);
         }
-        sub.writing = true;
-        Poll::Ready(true)
+        true
+    }
+
+    /// The backlog writer is done: the write half comes back, direct sends resume.
+    fn writer_done(&mut self, sk: StreamKey, wr: OwnedWriteHalf<TcpStream>, failed: bool) {
+        let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { return };
+        sub.wr = Some(wr);
+        sub.writing = false;
+        if failed {
+            sub.kill();
+        } else if sub.state == StreamState::Closing && sub.queue.is_empty() {
+            kick(sub.fd);
+        }
     }
 
     /// The writer's batch of `n` bytes left the process: it no longer counts against the
-    /// queue bound, and direct sends may resume.
-    pub fn written(&mut self, sk: StreamKey, n: usize) {
+    /// queue bound.
+    fn written(&mut self, sk: StreamKey, n: usize) {
         if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
             sub.pending_bytes = sub.pending_bytes.saturating_sub(n);
-            sub.writing = false;
         }
+    }
+}
+
+/// Writes a stream's backlog while its socket is full: io_uring (or epoll) waits for room,
+/// so the core never blocks. Ends when the queue is empty and hands the write half back.
+async fn write_backlog(hub: Rc<RefCell<Hub>>, sk: StreamKey, mut wr: OwnedWriteHalf<TcpStream>) {
+    let mut batch = FrameBatch::new();
+    loop {
+        if !hub.borrow_mut().take_backlog(sk, &mut batch) {
+            hub.borrow_mut().writer_done(sk, wr, false);
+            return;
+        }
+        let total = batch.total_len();
+        while !batch.is_empty() {
+            let (res, back) = wr.writev(batch).await;
+            batch = back;
+            match res {
+                Ok(n) if n > 0 => batch.advance(n),
+                _ => {
+                    hub.borrow_mut().writer_done(sk, wr, true);
+                    return;
+                }
+            }
+        }
+        hub.borrow_mut().written(sk, total);
+        batch.clear();
     }
 }
 
@@ -586,7 +614,7 @@ mod tests {
     }
 
     fn hub(max_queued: usize, slow: SlowPolicy) -> Hub {
-        Hub::new(HubLimits { max_queued, slow, windowed: false, batch_max: 256 })
+        Hub::detached(HubLimits { max_queued, slow, windowed: false, batch_max: 256 }, Weak::new())
     }
 
     fn queued(hub: &Hub, sk: StreamKey) -> Vec<String> {
@@ -601,7 +629,7 @@ mod tests {
     fn multi_topic_event_queued_once_and_unsubscribe_cleans_index() {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a", "b"]), -1, Wire::Chunked, true, Bytes::from_static(b"open"), &stats);
+        let sk = h.subscribe(&topics(&["a", "b"]), -1, None, Wire::Chunked, true, Bytes::from_static(b"open"), &stats);
         h.publish(&event(1, &["a", "b"], "x"), &stats);
         h.publish(&event(2, &["c"], "y"), &stats);
         assert_eq!(queued(&h, sk).len(), 1);
@@ -614,7 +642,7 @@ mod tests {
     fn slow_subscriber_is_dropped_or_conflated() {
         let stats = CoreStats::default();
         let mut h = hub(200, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, Wire::Chunked, true, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, true, Bytes::new(), &stats);
         for seq in 0..20 {
             h.publish(&event(seq, &["a"], "0123456789"), &stats);
         }
@@ -622,7 +650,7 @@ mod tests {
         assert_eq!(stats.slow_disconnects.load(Ordering::Relaxed), 1);
 
         let mut h = hub(200, SlowPolicy::Latest);
-        let sk = h.subscribe(&topics(&["a", "b"]), -1, Wire::Chunked, true, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a", "b"]), -1, None, Wire::Chunked, true, Bytes::new(), &stats);
         for seq in 0..20 {
             h.publish(&event(seq, &[if seq % 2 == 0 { "a" } else { "b" }], "0123456789"), &stats);
         }
@@ -637,7 +665,7 @@ mod tests {
     fn replay_gates_live_events() {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, Wire::Chunked, false, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, false, Bytes::new(), &stats);
         h.publish(&event(1, &["a"], "covered by replay"), &stats);
         assert!(queued(&h, sk).is_empty());
         h.replay(sk, &[event(1, &["a"], "replayed").frame.clone()]);

@@ -39,7 +39,7 @@ pub struct Worker {
     pub index: usize,
     pub cfg: Arc<Config>,
     pub shared: Arc<Shared>,
-    pub hub: RefCell<Hub>,
+    pub hub: Rc<RefCell<Hub>>,
     broker: crossbeam_channel::Sender<BrokerMsg>,
     acks: RefCell<Slab<AckSlot>>,
     pub draining: Cell<bool>,
@@ -227,12 +227,12 @@ fn run_thread(start: CoreStart) {
             ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         let worker = Rc::new(Worker {
             index: start.index,
-            hub: RefCell::new(Hub::new(HubLimits {
+            hub: Hub::new(HubLimits {
                 max_queued: start.cfg.max_queued_bytes,
                 slow: start.cfg.slow_consumer,
                 windowed: !start.cfg.batch_window.is_zero(),
                 batch_max: start.cfg.batch_max.max(1),
-            })),
+            }),
             cfg: start.cfg,
             shared: start.shared,
             broker: start.broker,

@@ -22,6 +22,10 @@ fn slow_consumer_is_cut_off_and_reader_gets_every_event() {
     let mut slow = server.subscribe(&["flood"]);
     let fast = server.subscribe(&["flood"]).without_parsing();
 
+    // The publisher waits until the reading subscriber has event i-1 before publishing event i,
+    // so that subscriber is never behind by more than one event whatever the machine's load,
+    // while the unread one falls further behind with every event.
+    let (progress_tx, progress_rx) = std::sync::mpsc::channel::<usize>();
     let reader = thread::spawn(move || {
         let mut fast = fast;
         let mut ids = Vec::with_capacity(EVENTS);
@@ -38,6 +42,7 @@ fn slow_consumer_is_cut_off_and_reader_gets_every_event() {
                 &rest[..rest.len().min(20)]
             );
             ids.push(id.to_string());
+            let _ = progress_tx.send(i);
         }
         (ids, fast)
     });
@@ -45,6 +50,10 @@ fn slow_consumer_is_cut_off_and_reader_gets_every_event() {
     let mut conn = server.connect();
     let mut published = Vec::with_capacity(EVENTS);
     for i in 0..EVENTS {
+        if i > 0 {
+            let got = progress_rx.recv_timeout(Duration::from_secs(20)).expect("reading subscriber stalled");
+            assert_eq!(got, i - 1, "reading subscriber progress");
+        }
         conn.send(&post_request("/publish?topic=flood", Some("text/plain"), payload(i).as_bytes()));
         let resp = conn.read_response().unwrap_or_else(|e| panic!("publish {i}: {e}"));
         resp.assert_status(200, &format!("publish {i}"));
