@@ -24,8 +24,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-/// Read size for request heads and bodies.
-const READ_CHUNK: usize = 4096;
+/// First read size for a request: a browser's `GET /events` head is well under 1 KiB, and every
+/// connection pays for this buffer until it becomes a stream. Grows for bigger requests.
+const READ_CHUNK: usize = 1024;
 /// A stream's close watcher reads into this many bytes (swallows stray client bytes).
 const WATCH_BUF: usize = 64;
 
@@ -77,7 +78,7 @@ async fn fill(
         return Err(ReadError::Closed);
     }
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
+        buf.reserve(READ_CHUNK.max(buf.len()));
     }
     let (len, cap) = (buf.len(), buf.capacity());
     let owned = std::mem::take(buf);
