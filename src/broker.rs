@@ -34,6 +34,8 @@ pub enum BrokerMsg {
         key: StreamKey,
         topics: Vec<Box<str>>,
         from: ReplayFrom,
+        /// The resume id as the client sent it (echoed in a gap notice).
+        given: Option<String>,
         end_marker: bool,
     },
     Shutdown,
@@ -140,11 +142,11 @@ impl Broker {
                         batch.acks.push((core, ticket, id));
                         self.shared.events_published.fetch_add(1, Ordering::Relaxed);
                     }
-                    BrokerMsg::Replay { core, key, topics, from, end_marker } => {
+                    BrokerMsg::Replay { core, key, topics, from, given, end_marker } => {
                         // Events handled before this request reach the core before its replay.
                         self.flush(&mut batch);
                         let replay = self.history.replay(&topics, &from, clock.last(), now_ms());
-                        let frames = replay_frames(replay, &from, end_marker);
+                        let frames = replay_frames(replay, given, end_marker);
                         let _ = self.cores[core].push(CoreMsg::Replay { key, frames });
                     }
                     BrokerMsg::Shutdown => {
@@ -182,16 +184,11 @@ impl Broker {
 }
 
 /// The gap notice, the replayed events (their original frames, ids included), the end marker.
-fn replay_frames(replay: Replay, from: &ReplayFrom, end_marker: bool) -> Vec<Frame> {
+fn replay_frames(replay: Replay, given: Option<String>, end_marker: bool) -> Vec<Frame> {
     let mut frames = Vec::with_capacity(replay.events.len() + 2);
     if let Some(Gap { topics, oldest }) = &replay.gap {
-        let last_event_id = match from {
-            ReplayFrom::After(id) => serde_json::Value::String(id.to_string()),
-            ReplayFrom::Unknown(text) => serde_json::Value::String(text.clone()),
-            _ => serde_json::Value::Null,
-        };
         let data = serde_json::json!({
-            "lastEventId": last_event_id,
+            "lastEventId": given,
             "topics": topics,
             "oldestRetained": oldest.map(|id| id.to_string()),
         });

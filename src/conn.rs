@@ -290,6 +290,7 @@ async fn stream_events(
     };
     // The header is what EventSource sends on reconnect, newer than the page's query value.
     let resume = req.last_event_id.clone().filter(|s| !s.is_empty()).or(query_resume.filter(|s| !s.is_empty()));
+    let resume_text = resume.clone();
     let from = match resume {
         Some(text) => text.parse().map_or(ReplayFrom::Unknown(text), ReplayFrom::After),
         None if history > 0 => ReplayFrom::Last(history.min(worker.cfg.history)),
@@ -313,10 +314,12 @@ async fn stream_events(
     let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
     let key = worker.hub.borrow_mut().subscribe(&topics, fd, Some(wr), wire, live, first, worker.stats());
-    worker.hub.borrow_mut().flush_one(key);
     if !live {
-        worker.request_replay(key, topics, from, end_marker);
+        // Asked before the client can see the stream open: every event published after that
+        // reaches the broker after this request, so it is live, not lost between the two.
+        worker.request_replay(key, topics, from, resume_text, end_marker);
     }
+    worker.hub.borrow_mut().flush_one(key);
     // This task (and its request-parsing state) ends here: an idle stream costs only its hub
     // entry and the small close watcher; writes happen in `Hub::flush` or a backlog writer.
     monoio::spawn(CatchUnwind(watch_close(StreamGuard { worker, key, _count: count }, rd)));

@@ -51,6 +51,9 @@ pub struct History {
     ttl_ms: u64,
     /// Ids before this were issued by an earlier process (or never): nothing is known of them.
     first_id: EventId,
+    /// Newest id dropped from a topic that was then forgotten (it held nothing newer): a topic
+    /// created later starts from here, so a resume from before it still sees the gap.
+    forgotten_upto: Option<EventId>,
 }
 
 impl History {
@@ -63,6 +66,7 @@ impl History {
             max_per_topic,
             ttl_ms,
             first_id,
+            forgotten_upto: None,
         }
     }
 
@@ -78,7 +82,10 @@ impl History {
         for topic in event.topics.iter() {
             let entry = match self.topics.get_mut(&**topic) {
                 Some(entry) => entry,
-                None => self.topics.entry(topic.clone()).or_default(),
+                None => self
+                    .topics
+                    .entry(topic.clone())
+                    .or_insert(TopicHistory { events: VecDeque::new(), evicted_upto: self.forgotten_upto }),
             };
             entry.events.push_back(event.clone());
             self.entries += 1;
@@ -122,14 +129,20 @@ impl History {
     pub fn expire(&mut self, now_ms: u64) {
         let horizon = now_ms.saturating_sub(self.ttl_ms);
         let mut dropped = 0;
+        let mut forgotten = self.forgotten_upto;
         self.topics.retain(|_, entry| {
             while entry.events.front().is_some_and(|e| e.id.ms < horizon) {
                 let old = entry.events.pop_front().map(|e| e.id);
                 entry.evicted_upto = old.max(entry.evicted_upto);
                 dropped += 1;
             }
-            !entry.events.is_empty()
+            if entry.events.is_empty() {
+                forgotten = forgotten.max(entry.evicted_upto);
+                return false;
+            }
+            true
         });
+        self.forgotten_upto = forgotten;
         self.entries -= dropped;
         self.trim_order();
     }
@@ -284,6 +297,12 @@ mod tests {
         assert_eq!(ids(&r), vec![200, 1500, 1600]);
         h.expire(1650);
         assert_eq!(h.retained(), 2);
+        // A topic emptied by the TTL and then refilled still knows what it lost.
+        h.expire(2700);
+        assert_eq!(h.retained(), 0);
+        h.record(&ev(2800, &["a"]));
+        let r = h.replay(&t(&["a"]), &ReplayFrom::After(EventId { ms: 1500, seq: 0 }), EventId { ms: 2800, seq: 0 }, 2800);
+        assert!(r.gap.is_some(), "expired events before the refill");
         let r = h.replay(&t(&["a", "b"]), &ReplayFrom::After(EventId { ms: 100, seq: 0 }), last, 1650);
         assert!(r.gap.is_some());
     }

@@ -205,12 +205,14 @@ impl Subscriber {
     fn consume(&mut self, mut n: usize) {
         self.pending_bytes = self.pending_bytes.saturating_sub(n);
         while n > 0 {
-            let Some((front, _)) = self.queue.front_mut() else { break };
+            let Some((front, tag)) = self.queue.front_mut() else { break };
             if n >= front.len() {
                 n -= front.len();
                 self.queue.pop_front();
             } else {
                 let _ = front.split_to(n);
+                // Half on the wire: it must be finished, never conflated away.
+                *tag = NO_TAG;
                 n = 0;
             }
         }

@@ -60,6 +60,12 @@ impl Shared {
         );
         metric("ringcast_max_connections", "gauge", "Connection limit.", self.max_connections as u64);
         metric("ringcast_subscribers", "gauge", "Open event streams.", sum_usize(|c| &c.subscribers) as u64);
+        metric(
+            "ringcast_gzip_subscribers",
+            "gauge",
+            "Open gzip-encoded event streams.",
+            sum_usize(|c| &c.gzip_subscribers) as u64,
+        );
         metric("ringcast_topics", "gauge", "Topic index entries, summed over cores.", sum_usize(|c| &c.topics) as u64);
         metric(
             "ringcast_events_published_total",

@@ -82,8 +82,15 @@ impl Worker {
 
     /// Asks the broker for what a new (not yet live) stream missed. If the broker is saturated
     /// the stream goes live at once behind a gap notice, so the client knows to re-sync.
-    pub fn request_replay(&self, key: StreamKey, topics: Vec<Box<str>>, from: ReplayFrom, end_marker: bool) {
-        let msg = BrokerMsg::Replay { core: self.index, key, topics, from, end_marker };
+    pub fn request_replay(
+        &self,
+        key: StreamKey,
+        topics: Vec<Box<str>>,
+        from: ReplayFrom,
+        given: Option<String>,
+        end_marker: bool,
+    ) {
+        let msg = BrokerMsg::Replay { core: self.index, key, topics, from, given, end_marker };
         if self.broker.try_send(msg).is_err() {
             let notice = encode_notice("ringcast-gap", r#"{"reason":"busy"}"#);
             let mut hub = self.hub.borrow_mut();

@@ -113,9 +113,10 @@ pub struct Args {
     #[arg(long, conflicts_with = "source_addrs")]
     pub no_bind: bool,
 
-    /// PID of the server: report its CPU time per delivered event and RSS per connection.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// PID(s) of the server, comma-separated (e.g. nginx's workers): report their summed CPU
+    /// time per delivered event and RSS per connection.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
 
     /// Print one JSON object on stdout instead of the text report.
     #[arg(long)]

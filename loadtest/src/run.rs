@@ -103,8 +103,16 @@ fn total_progress(shards: &[Shard]) -> Progress {
     total
 }
 
-fn sample_server(pid: Option<u32>) -> Result<Option<ProcSample>, String> {
-    pid.map(|pid| procstat::sample(pid).map_err(|e| format!("--server-pid {pid}: {e}"))).transpose()
+/// The summed sample of every `--server-pid` (None when none was given).
+fn sample_server(pids: &[u32]) -> Result<Option<ProcSample>, String> {
+    let mut total: Option<ProcSample> = None;
+    for &pid in pids {
+        let s = procstat::sample(pid).map_err(|e| format!("--server-pid {pid}: {e}"))?;
+        let t = total.get_or_insert(ProcSample { cpu_seconds: 0.0, rss_bytes: 0 });
+        t.cpu_seconds += s.cpu_seconds;
+        t.rss_bytes += s.rss_bytes;
+    }
+    Ok(total)
 }
 
 /// Runs the whole load test as the parent process.
@@ -119,7 +127,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
     let mut ticker = Ticker::new(args.quiet);
 
     // Connect phase.
-    let server_before = sample_server(args.server_pid)?;
+    let server_before = sample_server(&args.server_pid)?;
     let connect_start = Instant::now();
     let mut shards = Vec::with_capacity(processes);
     if processes == 1 {
@@ -149,7 +157,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
         std::thread::sleep(POLL);
     };
     let connect_seconds = connect_start.elapsed().as_secs_f64();
-    let server_connected = sample_server(args.server_pid)?;
+    let server_connected = sample_server(&args.server_pid)?;
     std::thread::sleep(args.settle);
     // Expected deliveries are based on the streams still open when publishing starts.
     let by_topic = total_progress(&shards).open_by_topic;
@@ -166,7 +174,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
         pipeline: if matches!(mode, PublishMode::Burst { .. }) { args.pipeline } else { 1 },
         timeout: args.publish_timeout,
     };
-    let server_pub_start = sample_server(args.server_pid)?;
+    let server_pub_start = sample_server(&args.server_pid)?;
     let pub_start = Instant::now();
     let stop_publishing = Arc::new(AtomicBool::new(false));
     let publishers =
@@ -207,7 +215,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
         ticker.tick("drain", &p.counters, args.subscribers, published.published(), published.errors);
         std::thread::sleep(POLL);
     }
-    let server_end = sample_server(args.server_pid)?;
+    let server_end = sample_server(&args.server_pid)?;
     let delivery_seconds = last_change.as_secs_f64().max(pub_seconds);
 
     // Collect.
@@ -221,7 +229,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
     stats::add_pairs(&mut connect_hist, &total.connect);
     let c = total.counters;
 
-    let server = match (args.server_pid, server_before, server_connected, server_pub_start, server_end) {
+    let server = match (args.server_pid.first().copied(), server_before, server_connected, server_pub_start, server_end) {
         (Some(pid), Some(before), Some(after_connect), Some(start), Some(end)) => {
             let cpu = (end.cpu_seconds - start.cpu_seconds).max(0.0);
             Some(ServerReport {

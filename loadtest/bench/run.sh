@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: ringcast and nginx+nchan under the same ringcast-loadtest runs, plus
+# the fan-out floor (../shared/fanout-floor) in the same session. Prints JSON lines to
+# $OUT (default /tmp/ringcast-bench) and a summary table on stdout.
+#
+#   loadtest/bench/run.sh [scenario...]     scenarios: rate1k rate10k burst idle (default: all)
+#
+# Needs: nginx with libnginx-mod-nchan (apt-get install -y libnginx-mod-nchan), release builds.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-/tmp/ringcast-bench}"
+mkdir -p "$OUT"
+SCENARIOS=("${@:-rate1k rate10k burst idle}")
+read -r -a SCENARIOS <<<"${SCENARIOS[*]}"
+RC_PORT=18181
+NC_PORT=18182
+CORES="${CORES:-2}"
+
+cargo build --release -p ringcast -p ringcast-loadtest >/dev/null
+LT="$ROOT/target/release/ringcast-loadtest"
+
+args_for() {
+  case "$1" in
+    rate1k) echo "-c 1000 --rate 500 -d 10s -p 2 --pipeline 8" ;;
+    rate10k) echo "-c 10000 --rate 100 -d 10s -p 2 --pipeline 8" ;;
+    burst) echo "-c 1000 --burst 5000 -p 4 --pipeline 32" ;;
+    idle) echo "-c 19900 --burst 10 --max-per-process 10000" ;;
+  esac
+}
+
+start_ringcast() {
+  "$ROOT/target/release/ringcast" --listen "127.0.0.1:$RC_PORT" --cores "$CORES" --max-connections 19980 \
+    --log-level warn >"$OUT/ringcast.out" 2>"$OUT/ringcast.err" &
+  RC_PID=$!
+  for _ in $(seq 100); do grep -q listening "$OUT/ringcast.out" 2>/dev/null && return; sleep 0.05; done
+  echo "ringcast did not start" >&2; exit 1
+}
+
+start_nchan() {
+  local dir="$OUT/nchan"
+  rm -rf "$dir"; mkdir -p "$dir/tmp"
+  sed "s/__PORT__/$NC_PORT/; s/^worker_processes 2;/worker_processes $CORES;/" loadtest/bench/nchan.conf >"$dir/nginx.conf"
+  nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2>"$OUT/nchan.err" &
+  NC_MASTER=$!
+  for _ in $(seq 100); do
+    NC_WORKERS=$(pgrep -P "$NC_MASTER" | paste -sd, -)
+    [ -n "$NC_WORKERS" ] && [ "$(echo "$NC_WORKERS" | tr ',' '\n' | wc -l)" -ge "$CORES" ] && return
+    sleep 0.05
+  done
+  echo "nginx+nchan did not start" >&2; exit 1
+}
+
+run_one() { # server scenario
+  local server=$1 scenario=$2 out="$OUT/$1-$2.json" url pids extra=()
+  if [ "$server" = ringcast ]; then
+    start_ringcast; url="http://127.0.0.1:$RC_PORT"; pids=$RC_PID
+  else
+    start_nchan; url="http://127.0.0.1:$NC_PORT"; pids=$NC_WORKERS
+    extra=(--sub-path '/sub/{topic}' --pub-path '/pub/{topic}')
+  fi
+  # shellcheck disable=SC2046
+  "$LT" "$url" $(args_for "$scenario") "${extra[@]}" --server-pid "$pids" --json -q >"$out" || true
+  if [ "$server" = ringcast ]; then kill "$RC_PID"; wait "$RC_PID" 2>/dev/null || true
+  else kill "$NC_MASTER"; wait "$NC_MASTER" 2>/dev/null || true; fi
+  sleep 1
+  echo "$server $scenario: $(head -c 300 "$out")" >&2
+}
+
+for s in "${SCENARIOS[@]}"; do
+  run_one ringcast "$s"
+  run_one nchan "$s"
+done
+
+python3 - "$OUT" "${SCENARIOS[@]}" <<'PY'
+import json, sys, os
+out, scen = sys.argv[1], sys.argv[2:]
+def g(d, *path):
+    for p in path:
+        if not isinstance(d, dict) or p not in d: return None
+        d = d[p]
+    return d
+print("| scenario | server | events/s published | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery | RSS/conn B | delivered % |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+for s in scen:
+    for server in ("ringcast", "nchan"):
+        f = os.path.join(out, f"{server}-{s}.json")
+        try: d = json.load(open(f))
+        except Exception as e:
+            print(f"| {s} | {server} | (no result: {e}) |||||||"); continue
+        row = [s, server]
+        row.append(g(d, "publish", "rate"))
+        row.append(g(d, "delivery", "rate"))
+        p50, p99 = g(d, "latency", "p50_us"), g(d, "latency", "p99_us")
+        row.append(None if p50 is None else p50 / 1000)
+        row.append(None if p99 is None else p99 / 1000)
+        row.append(g(d, "server", "cpu_us_per_event"))
+        row.append(g(d, "server", "rss_per_connection_bytes"))
+        row.append(g(d, "delivery", "delivered_pct"))
+        fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(fmt(v) for v in row) + " |")
+PY
