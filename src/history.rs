@@ -301,7 +301,8 @@ mod tests {
         h.expire(2700);
         assert_eq!(h.retained(), 0);
         h.record(&ev(2800, &["a"]));
-        let r = h.replay(&t(&["a"]), &ReplayFrom::After(EventId { ms: 1500, seq: 0 }), EventId { ms: 2800, seq: 0 }, 2800);
+        let r =
+            h.replay(&t(&["a"]), &ReplayFrom::After(EventId { ms: 1500, seq: 0 }), EventId { ms: 2800, seq: 0 }, 2800);
         assert!(r.gap.is_some(), "expired events before the refill");
         let r = h.replay(&t(&["a", "b"]), &ReplayFrom::After(EventId { ms: 100, seq: 0 }), last, 1650);
         assert!(r.gap.is_some());

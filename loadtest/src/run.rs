@@ -229,7 +229,8 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
     stats::add_pairs(&mut connect_hist, &total.connect);
     let c = total.counters;
 
-    let server = match (args.server_pid.first().copied(), server_before, server_connected, server_pub_start, server_end) {
+    let server = match (args.server_pid.first().copied(), server_before, server_connected, server_pub_start, server_end)
+    {
         (Some(pid), Some(before), Some(after_connect), Some(start), Some(end)) => {
             let cpu = (end.cpu_seconds - start.cpu_seconds).max(0.0);
             Some(ServerReport {
