@@ -9,12 +9,13 @@ use crate::hub::StreamKey;
 use crate::metrics::Shared;
 use crate::publish::{parse_publish, validate_topics};
 use crate::sse::{retry_frame, Wire, LAST_CHUNK, OPENING_SSE};
-use crate::worker::Worker;
+use crate::worker::{Ticket, Worker};
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -108,18 +109,60 @@ async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError) {
     flush(stream, out).await;
 }
 
+/// Publishes answered in order once the broker has their ids.
+type Pending = VecDeque<(Ticket, bool)>;
+
+/// Writes the answers of in-flight publishes, in request order.
+async fn resolve(pending: &mut Pending, out: &mut Vec<u8>) {
+    while let Some((ticket, keep_alive)) = pending.pop_front() {
+        let id = ticket.await;
+        let json = format!("{{\"id\":\"{id}\"}}");
+        write_response(out, 200, "OK", "application/json", json.as_bytes(), keep_alive);
+    }
+}
+
+/// Appends what the socket already holds without waiting (more pipelined requests);
+/// false when nothing was there.
+fn read_ready(stream: &TcpStream, buf: &mut BytesMut) -> bool {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK.max(buf.len()));
+    }
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: recv writes at most `spare.len()` bytes into the buffer's spare capacity; only
+    // that many are then marked initialised. No monoio read is in flight on this socket here.
+    unsafe {
+        let n = libc::recv(stream.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT);
+        if n <= 0 {
+            return false;
+        }
+        buf.set_len(buf.len() + n as usize);
+    }
+    true
+}
+
 /// `count` holds this connection's place in the open-connection count until it closes.
 async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, count: ConnectionCount) {
     let cfg = worker.cfg.clone();
     let mut buf = BytesMut::new();
     let mut out: Vec<u8> = Vec::new();
+    let mut pending = Pending::new();
     loop {
         let deadline = Instant::now() + cfg.header_timeout;
         let req = loop {
             match parse_request(&mut buf, cfg.max_head_bytes) {
                 Ok(Some(req)) => break req,
                 Ok(None) => {}
-                Err(e) => return fail(&mut stream, &mut out, e).await,
+                Err(e) => {
+                    resolve(&mut pending, &mut out).await;
+                    return fail(&mut stream, &mut out, e).await;
+                }
+            }
+            if !pending.is_empty() {
+                // Gather every publish the client pipelined before waiting for their ids.
+                if read_ready(&stream, &mut buf) {
+                    continue;
+                }
+                resolve(&mut pending, &mut out).await;
             }
             match fill(&mut stream, &mut buf, &mut out, deadline).await {
                 Ok(()) => {}
@@ -129,14 +172,41 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, coun
         };
 
         if let Err(e) = check_route(&req) {
+            resolve(&mut pending, &mut out).await;
             return fail(&mut stream, &mut out, e).await;
+        }
+        if !body_in_buffer(&req, &buf) {
+            resolve(&mut pending, &mut out).await;
         }
         let body = match read_body(&mut stream, &mut buf, &mut out, &req, &cfg).await {
             Ok(body) => body,
-            Err(Some(e)) => return fail(&mut stream, &mut out, e).await,
+            Err(Some(e)) => {
+                resolve(&mut pending, &mut out).await;
+                return fail(&mut stream, &mut out, e).await;
+            }
             Err(None) => return,
         };
         let keep_alive = req.keep_alive && !worker.draining.get() && !over_limit;
+
+        if req.path == "/publish" && req.method == Method::Post && !over_limit {
+            let submitted = parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics)
+                .and_then(|p| worker.submit(p));
+            match submitted {
+                Ok(ticket) => pending.push_back((ticket, keep_alive)),
+                Err(e) => {
+                    resolve(&mut pending, &mut out).await;
+                    return fail(&mut stream, &mut out, e).await;
+                }
+            }
+            if !keep_alive {
+                resolve(&mut pending, &mut out).await;
+                flush(&mut stream, &mut out).await;
+                return;
+            }
+            continue;
+        }
+        // Every other answer follows the publishes before it.
+        resolve(&mut pending, &mut out).await;
 
         if over_limit {
             worker.stats().shed.fetch_add(1, Ordering::Relaxed);
@@ -157,19 +227,6 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, coun
                 // Bytes after a stream request are ignored; free the buffer for the stream's life.
                 drop(buf);
                 return stream_events(worker, stream, req, out, count).await;
-            }
-            ("/publish", Method::Post) => {
-                let published = match parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics) {
-                    Ok(p) => worker.publish(p).await,
-                    Err(e) => Err(e),
-                };
-                match published {
-                    Ok(id) => {
-                        let json = format!("{{\"id\":\"{id}\"}}");
-                        write_response(&mut out, 200, "OK", "application/json", json.as_bytes(), keep_alive);
-                    }
-                    Err(e) => return fail(&mut stream, &mut out, e).await,
-                }
             }
             ("/health", Method::Get) => {
                 write_response(&mut out, 200, "OK", "application/json", b"{\"status\":\"ok\"}", keep_alive)
@@ -196,6 +253,15 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, coun
             flush(&mut stream, &mut out).await;
             return;
         }
+    }
+}
+
+/// Whether the request's whole body is already buffered (no read needed).
+fn body_in_buffer(req: &Request, buf: &BytesMut) -> bool {
+    match req.body {
+        BodyKind::None => true,
+        BodyKind::Length(n) => buf.len() >= n,
+        BodyKind::Chunked => buf.windows(5).any(|w| w == b"0\r\n\r\n"),
     }
 }
 

@@ -69,15 +69,16 @@ impl Worker {
         lo + x % (hi - lo).max(1)
     }
 
-    /// Hands a publish to the broker and waits for its id.
-    pub async fn publish(&self, publish: Publish) -> Result<EventId, HttpError> {
-        let ticket = self.acks.borrow_mut().insert(AckSlot::default());
-        let msg = BrokerMsg::Publish { core: self.index, ticket, publish };
+    /// Hands a publish to the broker; the ticket resolves to its id. Several may be in flight
+    /// (pipelined publishes on one connection reach the broker together and share its batch).
+    pub fn submit(self: &Rc<Self>, publish: Publish) -> Result<Ticket, HttpError> {
+        let slot = self.acks.borrow_mut().insert(AckSlot::default());
+        let msg = BrokerMsg::Publish { core: self.index, ticket: slot, publish };
         if self.broker.try_send(msg).is_err() {
-            self.acks.borrow_mut().remove(ticket);
+            self.acks.borrow_mut().remove(slot);
             return Err(HttpError::Unavailable);
         }
-        AckWait { worker: self, ticket, done: false }.await
+        Ok(Ticket { worker: self.clone(), slot, done: false })
     }
 
     /// Asks the broker for what a new (not yet live) stream missed. If the broker is saturated
@@ -113,33 +114,35 @@ impl Worker {
     }
 }
 
-struct AckWait<'a> {
-    worker: &'a Worker,
-    ticket: usize,
+/// A publish on its way through the broker. Dropping it unanswered (the client left) lets the
+/// slot be freed when the broker's answer arrives.
+pub struct Ticket {
+    worker: Rc<Worker>,
+    slot: usize,
     done: bool,
 }
 
-impl Future for AckWait<'_> {
-    type Output = Result<EventId, HttpError>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+impl Future for Ticket {
+    type Output = EventId;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<EventId> {
         let mut acks = self.worker.acks.borrow_mut();
-        let slot = &mut acks[self.ticket];
+        let slot = &mut acks[self.slot];
         if let Some(id) = slot.id {
-            acks.remove(self.ticket);
+            acks.remove(self.slot);
             drop(acks);
             self.done = true;
-            return Poll::Ready(Ok(id));
+            return Poll::Ready(id);
         }
         slot.waker = Some(cx.waker().clone());
         Poll::Pending
     }
 }
 
-impl Drop for AckWait<'_> {
+impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {
             if let Ok(mut acks) = self.worker.acks.try_borrow_mut() {
-                if let Some(slot) = acks.get_mut(self.ticket) {
+                if let Some(slot) = acks.get_mut(self.slot) {
                     slot.abandoned = true;
                     slot.waker = None;
                 }
