@@ -45,6 +45,22 @@ pub struct Args {
     #[arg(long)]
     pub http10: bool,
 
+    /// Send `Last-Event-ID: ID` with every subscribe request, so each stream first gets the
+    /// events the server retained after ID (replayed events count like live ones).
+    #[arg(long, value_name = "ID")]
+    pub last_event_id: Option<String>,
+
+    /// Replay (resume storm) benchmark: publish K events before any subscriber connects, then
+    /// connect all subscribers at once with `Last-Event-ID` set to the event published just
+    /// before them, and time until every stream has all K replayed from the server's history
+    /// (ringcast: run it with `--history` >= K).
+    #[arg(long, value_name = "K", conflicts_with_all = ["rate", "burst"])]
+    pub replay: Option<u64>,
+
+    /// Internal (replay mode): events each stream must receive, per topic index.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub replay_expect: Option<Vec<u64>>,
+
     /// Publish this many events per second in total for --duration (default mode,
     /// 100/s). Publishing stops at the end of --duration even when behind schedule.
     #[arg(short = 'r', long, conflicts_with = "burst")]
@@ -178,6 +194,17 @@ impl Args {
         if self.threads == Some(0) {
             return Err("--threads must be at least 1".into());
         }
+        if let Some(id) = &self.last_event_id {
+            if self.replay.is_some() {
+                return Err("--replay sets the Last-Event-ID itself; drop --last-event-id".into());
+            }
+            if id.bytes().any(|b| b < b' ' || b == 0x7f) {
+                return Err("--last-event-id must not contain control bytes".into());
+            }
+        }
+        if self.replay == Some(0) {
+            return Err("--replay must be at least 1".into());
+        }
         for (name, path) in [("--sub-path", &self.sub_path), ("--pub-path", &self.pub_path)] {
             if !path.starts_with('/') {
                 return Err(format!("{name} must start with '/'"));
@@ -307,5 +334,22 @@ mod tests {
         let a = Args::parse_from(["x", "--sub-path", "sub"]);
         assert!(a.validate().is_err());
         assert_eq!(parse_child_range("5:10").unwrap(), (5, 10));
+    }
+
+    #[test]
+    fn replay_and_resume_options() {
+        let a = Args::parse_from(["x", "--replay", "1000", "-c", "1"]);
+        assert_eq!(a.replay, Some(1000));
+        assert!(a.validate().is_ok());
+        assert!(Args::try_parse_from(["x", "--replay", "1", "--burst", "2"]).is_err());
+        assert!(Args::try_parse_from(["x", "--replay", "1", "--rate", "2"]).is_err());
+        assert!(Args::parse_from(["x", "--replay", "0"]).validate().is_err());
+        assert!(Args::parse_from(["x", "--replay", "5", "--last-event-id", "1-0"]).validate().is_err());
+        let a = Args::parse_from(["x", "--burst", "5", "--last-event-id", "1700000000000-3"]);
+        assert_eq!(a.last_event_id.as_deref(), Some("1700000000000-3"));
+        assert!(a.validate().is_ok());
+        assert!(Args::parse_from(["x", "--last-event-id", "1\r\nX: y"]).validate().is_err());
+        let a = Args::parse_from(["x", "--replay-expect", "3,4"]);
+        assert_eq!(a.replay_expect, Some(vec![3, 4]));
     }
 }

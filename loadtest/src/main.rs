@@ -4,6 +4,7 @@ mod cli;
 mod net;
 mod procstat;
 mod publisher;
+mod replay;
 mod report;
 mod run;
 mod shard;
@@ -22,13 +23,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match &args.child_range {
         Some(range) => run_child(&args, range),
-        None => run::run(&args, &raw_args).map(|report| {
-            if args.json {
-                println!("{}", serde_json::to_string(&report).expect("report is serializable"));
-            } else {
-                print!("{}", report.to_text());
-            }
-        }),
+        None if args.replay.is_some() => {
+            replay::run(&args, &raw_args).map(|report| print_report(&report, args.json, || report.to_text()))
+        }
+        None => run::run(&args, &raw_args).map(|report| print_report(&report, args.json, || report.to_text())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -36,6 +34,15 @@ fn main() -> ExitCode {
             eprintln!("ringcast-loadtest: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints a report on stdout: one JSON object with `--json`, else its text.
+fn print_report(report: &impl serde::Serialize, json: bool, text: impl FnOnce() -> String) {
+    if json {
+        println!("{}", serde_json::to_string(report).expect("report is serializable"));
+    } else {
+        print!("{}", text());
     }
 }
 

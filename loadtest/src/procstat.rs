@@ -6,7 +6,9 @@ use std::io;
 /// One observation of a process.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProcSample {
-    /// utime + stime of all its threads, in seconds.
+    /// CPU time of all its threads, in seconds: the run time of its live threads from
+    /// `/proc/PID/task/*/schedstat` (nanoseconds, so short windows are measured too), else
+    /// utime + stime from `/proc/PID/stat` (clock ticks, usually 10 ms).
     pub cpu_seconds: f64,
     /// Resident set size (VmRSS) in bytes.
     pub rss_bytes: u64,
@@ -34,6 +36,26 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Time on the CPU (ns): the first field of /proc/PID/task/TID/schedstat.
+pub fn parse_schedstat_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_ascii_whitespace().next()?.parse().ok()
+}
+
+/// Summed CPU time of the live threads of `pid` in seconds, if the kernel reports schedstat.
+fn threads_cpu_seconds(pid: u32) -> Option<f64> {
+    let mut ns = 0u64;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        match fs::read_to_string(path) {
+            Ok(text) => ns += parse_schedstat_ns(&text)?,
+            // A thread that exited between the listing and the read.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(_) => return None,
+        }
+    }
+    Some(ns as f64 / 1e9)
+}
+
 /// VmRSS in bytes from the contents of /proc/PID/status.
 pub fn parse_status_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -54,7 +76,8 @@ pub fn sample(pid: u32) -> io::Result<ProcSample> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let ticks = parse_stat_ticks(&stat).ok_or_else(|| bad("stat"))?;
     let rss = parse_status_rss(&status).ok_or_else(|| bad("status"))?;
-    Ok(ProcSample { cpu_seconds: ticks as f64 / clock_ticks_per_second(), rss_bytes: rss })
+    let cpu_seconds = threads_cpu_seconds(pid).unwrap_or(ticks as f64 / clock_ticks_per_second());
+    Ok(ProcSample { cpu_seconds, rss_bytes: rss })
 }
 
 #[cfg(test)]
@@ -74,6 +97,12 @@ mod tests {
         let status = "Name:\tringcast\nVmPeak:\t  100 kB\nVmRSS:\t    2048 kB\nThreads:\t3\n";
         assert_eq!(parse_status_rss(status), Some(2048 * 1024));
         assert_eq!(parse_status_rss("Name: x\n"), None);
+    }
+
+    #[test]
+    fn parses_schedstat() {
+        assert_eq!(parse_schedstat_ns("264181975 249947041 18795\n"), Some(264181975));
+        assert_eq!(parse_schedstat_ns(""), None);
     }
 
     #[test]

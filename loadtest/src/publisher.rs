@@ -38,6 +38,9 @@ pub struct PubResult {
     pub first_error: Option<String>,
     /// Request -> response time (ns).
     pub rtt: Histogram<u64>,
+    /// The event id the server answered to the earliest accepted publish
+    /// (ringcast: `{"id":"<ms>-<seq>"}`), if its answer carried one.
+    pub first_id: Option<String>,
 }
 
 impl PubResult {
@@ -79,11 +82,13 @@ impl Publishers {
                 seq: vec![0; cfg.paths.len()],
                 next_topic: id % cfg.paths.len(),
                 gave_up: false,
+                accepted_any: false,
                 result: PubResult {
                     published_by_topic: vec![0; cfg.paths.len()],
                     errors: 0,
                     first_error: None,
                     rtt: stats::new_histogram(),
+                    first_id: None,
                 },
             };
             handles.push(std::thread::Builder::new().name(format!("pub-{id}")).spawn(move || worker.run(start_ns))?);
@@ -106,12 +111,39 @@ impl Publishers {
                     stats::add_by_topic(&mut t.published_by_topic, &r.published_by_topic);
                     t.errors += r.errors;
                     stats::merge(&mut t.rtt, &r.rtt);
+                    t.first_id = earliest_id(t.first_id.take(), r.first_id);
                 }
             }
         }
         let mut total = total.expect("at least one publisher");
         total.first_error = self.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
         total
+    }
+}
+
+/// Longest publish answer whose body is kept (to read the event id).
+const MAX_KEPT_BODY: u64 = 4096;
+
+/// The `"id"` of a publish answer such as ringcast's `{"id":"1700000000000-0"}`.
+pub fn parse_publish_id(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get("id")?.as_str().map(str::to_string)
+}
+
+/// An id `<ms>-<seq>` as the number pair it is ordered by.
+fn id_key(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The earlier of two event ids (ordered as `<ms>-<seq>` number pairs; else the first given).
+fn earliest_id(a: Option<String>, b: Option<String>) -> Option<String> {
+    match (a, b) {
+        (Some(a), Some(b)) => match (id_key(&a), id_key(&b)) {
+            (Some(ka), Some(kb)) if kb < ka => Some(b),
+            _ => Some(a),
+        },
+        (a, b) => a.or(b),
     }
 }
 
@@ -129,8 +161,9 @@ impl PubConn {
         Ok(PubConn { reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?), writer: stream })
     }
 
-    /// Reads one response; returns (status, connection must be closed).
-    fn read_response(&mut self) -> io::Result<(u16, bool)> {
+    /// Reads one response; returns (status, connection must be closed, body). The body is
+    /// kept only when `keep_body` and it is short and Content-Length framed.
+    fn read_response(&mut self, keep_body: bool) -> io::Result<(u16, bool, Option<Vec<u8>>)> {
         let mut head = Vec::with_capacity(256);
         loop {
             let start = head.len();
@@ -148,7 +181,13 @@ impl PubConn {
         }
         let parsed = parse_head(&head).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let mut close = parsed.close;
+        let mut body = None;
         match parsed.framing {
+            Framing::Length(n) if keep_body && n <= MAX_KEPT_BODY => {
+                let mut buf = vec![0; n as usize];
+                self.reader.read_exact(&mut buf)?;
+                body = Some(buf);
+            }
             Framing::Length(n) => {
                 io::copy(&mut (&mut self.reader).take(n), &mut io::sink())?;
             }
@@ -170,7 +209,7 @@ impl PubConn {
                 close = true;
             }
         }
-        Ok((parsed.status, close))
+        Ok((parsed.status, close, body))
     }
 }
 
@@ -186,6 +225,8 @@ struct PubWorker {
     next_topic: usize,
     /// The server stopped answering: publish nothing more.
     gave_up: bool,
+    /// A publish was accepted (its answer was checked for the event id).
+    accepted_any: bool,
     result: PubResult,
 }
 
@@ -276,10 +317,15 @@ impl PubWorker {
         }
         for (i, &topic) in sent_topics.iter().enumerate() {
             let conn = self.conn.as_mut().expect("connected above");
-            match conn.read_response() {
-                Ok((status, close)) => {
+            let want_id = !self.accepted_any;
+            match conn.read_response(want_id) {
+                Ok((status, close, body)) => {
                     stats::record(&mut self.result.rtt, mono_ns().saturating_sub(sent_ns));
                     if (200..300).contains(&status) {
+                        if want_id {
+                            self.accepted_any = true;
+                            self.result.first_id = body.as_deref().and_then(parse_publish_id);
+                        }
                         self.result.published_by_topic[topic] += 1;
                         self.progress.published.fetch_add(1, Ordering::Relaxed);
                     } else {
@@ -307,5 +353,23 @@ impl PubWorker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_ids() {
+        assert_eq!(parse_publish_id(br#"{"id":"1700000000000-3"}"#).as_deref(), Some("1700000000000-3"));
+        assert_eq!(parse_publish_id(b"OK"), None);
+        assert_eq!(parse_publish_id(br#"{"id":7}"#), None);
+        let (a, b) = (Some("5-10".to_string()), Some("5-9".to_string()));
+        assert_eq!(earliest_id(a.clone(), b.clone()), b);
+        assert_eq!(earliest_id(b.clone(), a.clone()), b);
+        assert_eq!(earliest_id(Some("6-0".into()), a.clone()), a);
+        assert_eq!(earliest_id(None, a.clone()), a);
+        assert_eq!(earliest_id(Some("x".into()), a), Some("x".into()));
     }
 }

@@ -22,7 +22,7 @@ pub fn sub_config(args: &Args, target: &Target, processes: usize, threads_per_pr
     let requests = (0..args.topics)
         .map(|t| {
             let path = args.sub_path.replace("{topic}", &args.topic_name(t));
-            subscribe_request(&path, &target.host_header, args.http10)
+            subscribe_request(&path, &target.host_header, args.http10, args.last_event_id.as_deref())
         })
         .collect();
     let source = if args.no_bind || !target.addr.is_ipv4() {
@@ -41,7 +41,47 @@ pub fn sub_config(args: &Args, target: &Target, processes: usize, threads_per_pr
         publishers: args.publishers,
         source,
         inflight_per_thread: args.connect_concurrency.div_ceil(threads).max(1),
+        expect_by_topic: args.replay_expect.clone(),
     }
+}
+
+/// Publisher configuration for `mode` over all topics.
+pub fn pub_config(args: &Args, target: &Target, mode: PublishMode) -> PubConfig {
+    PubConfig {
+        target: target.addr,
+        host_header: target.host_header.clone(),
+        paths: (0..args.topics).map(|t| args.pub_path.replace("{topic}", &args.topic_name(t))).collect(),
+        size: args.size,
+        mode,
+        publishers: args.publishers,
+        pipeline: if matches!(mode, PublishMode::Burst { .. }) { args.pipeline } else { 1 },
+        timeout: args.publish_timeout,
+    }
+}
+
+/// Starts the subscribers: in this process, or spread over child processes that are
+/// given `raw_args` (plus their range).
+pub fn start_shards(
+    args: &Args,
+    raw_args: &[OsString],
+    cfg: SubConfig,
+    processes: usize,
+    threads: usize,
+) -> Result<Vec<Shard>, String> {
+    if processes == 1 {
+        let group = SubscriberGroup::start(cfg, 0..args.subscribers, threads)
+            .map_err(|e| format!("starting subscribers: {e}"))?;
+        return Ok(vec![Shard::Local(group)]);
+    }
+    let per = args.subscribers.div_ceil(processes);
+    (0..processes)
+        .map(|p| {
+            let range = p * per..((p + 1) * per).min(args.subscribers);
+            ChildShard::spawn(raw_args, range, threads)
+                .map(Shard::Child)
+                .map_err(|e| format!("starting child process: {e}"))
+        })
+        .collect()
 }
 
 /// How the subscribers are split: (processes, threads per process).
@@ -52,7 +92,7 @@ pub fn layout(args: &Args) -> (usize, usize) {
 }
 
 /// Prints one progress line per second on stderr.
-struct Ticker {
+pub struct Ticker {
     quiet: bool,
     start: Instant,
     last: Instant,
@@ -61,12 +101,12 @@ struct Ticker {
 }
 
 impl Ticker {
-    fn new(quiet: bool) -> Ticker {
+    pub fn new(quiet: bool) -> Ticker {
         let now = Instant::now();
         Ticker { quiet, start: now, last: now, last_received: 0, last_published: 0 }
     }
 
-    fn tick(&mut self, phase: &str, c: &Counters, subscribers: usize, published: u64, pub_errors: u64) {
+    pub fn tick(&mut self, phase: &str, c: &Counters, subscribers: usize, published: u64, pub_errors: u64) {
         let now = Instant::now();
         let dt = now.duration_since(self.last).as_secs_f64();
         if self.quiet || dt < 1.0 {
@@ -92,7 +132,7 @@ impl Ticker {
     }
 }
 
-fn total_progress(shards: &[Shard]) -> Progress {
+pub fn total_progress(shards: &[Shard]) -> Progress {
     let mut total = Progress { connect_done: true, ..Progress::default() };
     for s in shards {
         let p = s.progress();
@@ -104,7 +144,7 @@ fn total_progress(shards: &[Shard]) -> Progress {
 }
 
 /// The summed sample of every `--server-pid` (None when none was given).
-fn sample_server(pids: &[u32]) -> Result<Option<ProcSample>, String> {
+pub fn sample_server(pids: &[u32]) -> Result<Option<ProcSample>, String> {
     let mut total: Option<ProcSample> = None;
     for &pid in pids {
         let s = procstat::sample(pid).map_err(|e| format!("--server-pid {pid}: {e}"))?;
@@ -113,6 +153,39 @@ fn sample_server(pids: &[u32]) -> Result<Option<ProcSample>, String> {
         t.rss_bytes += s.rss_bytes;
     }
     Ok(total)
+}
+
+/// Samples of the server (all `--server-pid`s summed) at the points a report needs.
+pub struct ServerSamples {
+    /// Before the first connect.
+    pub before: Option<ProcSample>,
+    /// Once the subscribers are connected.
+    pub connected: Option<ProcSample>,
+    /// Start and end of the measured window.
+    pub start: Option<ProcSample>,
+    pub end: Option<ProcSample>,
+}
+
+/// Server CPU over the measured window per event, and RSS per connection.
+pub fn server_report(
+    pids: &[u32],
+    s: ServerSamples,
+    events: u64,
+    seconds: f64,
+    connections: u64,
+) -> Option<ServerReport> {
+    let (pid, before, after_connect, start, end) = (pids.first()?, s.before?, s.connected?, s.start?, s.end?);
+    let cpu = (end.cpu_seconds - start.cpu_seconds).max(0.0);
+    Some(ServerReport {
+        pid: *pid,
+        cpu_s: cpu,
+        cpu_us_per_event: (events > 0).then(|| cpu * 1e6 / events as f64),
+        cpu_pct: cpu * 100.0 / seconds.max(1e-9),
+        rss_before_bytes: before.rss_bytes,
+        rss_after_connect_bytes: after_connect.rss_bytes,
+        rss_per_connection_bytes: (connections > 0)
+            .then(|| (after_connect.rss_bytes as f64 - before.rss_bytes as f64) / connections as f64),
+    })
 }
 
 /// Runs the whole load test as the parent process.
@@ -129,20 +202,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
     // Connect phase.
     let server_before = sample_server(&args.server_pid)?;
     let connect_start = Instant::now();
-    let mut shards = Vec::with_capacity(processes);
-    if processes == 1 {
-        let group = SubscriberGroup::start(cfg, 0..args.subscribers, threads)
-            .map_err(|e| format!("starting subscribers: {e}"))?;
-        shards.push(Shard::Local(group));
-    } else {
-        let per = args.subscribers.div_ceil(processes);
-        for p in 0..processes {
-            let range = p * per..((p + 1) * per).min(args.subscribers);
-            let child =
-                ChildShard::spawn(raw_args, range, threads).map_err(|e| format!("starting child process: {e}"))?;
-            shards.push(Shard::Child(child));
-        }
-    }
+    let mut shards = start_shards(args, raw_args, cfg, processes, threads)?;
     let mut cut = false;
     let connected = loop {
         let p = total_progress(&shards);
@@ -164,16 +224,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
 
     // Publish phase.
     let mode = args.publish_mode();
-    let pub_cfg = PubConfig {
-        target: target.addr,
-        host_header: target.host_header.clone(),
-        paths: (0..args.topics).map(|t| args.pub_path.replace("{topic}", &args.topic_name(t))).collect(),
-        size: args.size,
-        mode,
-        publishers: args.publishers,
-        pipeline: if matches!(mode, PublishMode::Burst { .. }) { args.pipeline } else { 1 },
-        timeout: args.publish_timeout,
-    };
+    let pub_cfg = pub_config(args, &target, mode);
     let server_pub_start = sample_server(&args.server_pid)?;
     let pub_start = Instant::now();
     let stop_publishing = Arc::new(AtomicBool::new(false));
@@ -229,24 +280,13 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
     stats::add_pairs(&mut connect_hist, &total.connect);
     let c = total.counters;
 
-    let server = match (args.server_pid.first().copied(), server_before, server_connected, server_pub_start, server_end)
-    {
-        (Some(pid), Some(before), Some(after_connect), Some(start), Some(end)) => {
-            let cpu = (end.cpu_seconds - start.cpu_seconds).max(0.0);
-            Some(ServerReport {
-                pid,
-                cpu_s: cpu,
-                cpu_us_per_event: (c.unique > 0).then(|| cpu * 1e6 / c.unique as f64),
-                cpu_pct: cpu * 100.0 / delivery_seconds.max(1e-9),
-                rss_before_bytes: before.rss_bytes,
-                rss_after_connect_bytes: after_connect.rss_bytes,
-                rss_per_connection_bytes: (connected.counters.connected > 0).then(|| {
-                    (after_connect.rss_bytes as f64 - before.rss_bytes as f64) / connected.counters.connected as f64
-                }),
-            })
-        }
-        _ => None,
-    };
+    let server = server_report(
+        &args.server_pid,
+        ServerSamples { before: server_before, connected: server_connected, start: server_pub_start, end: server_end },
+        c.unique,
+        delivery_seconds,
+        connected.counters.connected,
+    );
 
     let first_error = total.first_error.clone().or(published.first_error.clone());
     let (rate, duration_s, burst, mode_name) = match mode {
@@ -268,7 +308,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
         threads,
         connect: ConnectReport {
             connected: connected.counters.connected,
-            open_at_publish: by_topic.iter().sum(),
+            open_at_publish: Some(by_topic.iter().sum()),
             failed: c.connect_failed,
             seconds: connect_seconds,
             time: Summary::of(&connect_hist),

@@ -83,6 +83,15 @@ pub struct Counters {
     pub duplicates: u64,
     /// Events whose data is not ours (or from an unknown publisher).
     pub foreign: u64,
+    /// Events that arrived after a skipped sequence number (counted in `unique` too).
+    #[serde(default)]
+    pub gaps: u64,
+    /// Bytes read from the subscriber sockets (response heads, framing and events).
+    #[serde(default)]
+    pub bytes: u64,
+    /// Replay mode: streams that received every event expected on their topic.
+    #[serde(default)]
+    pub completed: u64,
 }
 
 impl Counters {
@@ -94,6 +103,9 @@ impl Counters {
         self.unique += o.unique;
         self.duplicates += o.duplicates;
         self.foreign += o.foreign;
+        self.gaps += o.gaps;
+        self.bytes += o.bytes;
+        self.completed += o.completed;
     }
 
     pub fn errors(&self) -> u64 {
@@ -111,6 +123,9 @@ pub struct AtomicCounters {
     unique: AtomicU64,
     duplicates: AtomicU64,
     foreign: AtomicU64,
+    gaps: AtomicU64,
+    bytes: AtomicU64,
+    completed: AtomicU64,
 }
 
 impl AtomicCounters {
@@ -128,6 +143,9 @@ impl AtomicCounters {
         add(&self.unique, delta.unique);
         add(&self.duplicates, delta.duplicates);
         add(&self.foreign, delta.foreign);
+        add(&self.gaps, delta.gaps);
+        add(&self.bytes, delta.bytes);
+        add(&self.completed, delta.completed);
         *delta = Counters::default();
     }
 
@@ -141,6 +159,9 @@ impl AtomicCounters {
             unique: get(&self.unique),
             duplicates: get(&self.duplicates),
             foreign: get(&self.foreign),
+            gaps: get(&self.gaps),
+            bytes: get(&self.bytes),
+            completed: get(&self.completed),
         }
     }
 }
@@ -166,6 +187,15 @@ pub struct ShardResult {
     pub latency: Vec<(u64, u64)>,
     /// Connect (socket to response head) time (ns), as [`to_pairs`].
     pub connect: Vec<(u64, u64)>,
+    /// Replay mode: socket creation -> last expected event, per completed stream (ns), as [`to_pairs`].
+    #[serde(default)]
+    pub complete: Vec<(u64, u64)>,
+    /// CLOCK_MONOTONIC ns when the first connect started (0: none did).
+    #[serde(default)]
+    pub first_connect_ns: u64,
+    /// Replay mode: CLOCK_MONOTONIC ns when the last stream completed (0: none did).
+    #[serde(default)]
+    pub last_complete_ns: u64,
     /// CPU seconds the process holding this group used (child processes only).
     pub cpu_seconds: f64,
     /// One error message, for diagnosis.
@@ -178,6 +208,13 @@ impl ShardResult {
         add_by_topic(&mut self.open_by_topic, &o.open_by_topic);
         self.latency.extend_from_slice(&o.latency);
         self.connect.extend_from_slice(&o.connect);
+        self.complete.extend_from_slice(&o.complete);
+        self.last_complete_ns = self.last_complete_ns.max(o.last_complete_ns);
+        self.first_connect_ns = match (self.first_connect_ns, o.first_connect_ns) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        };
         self.cpu_seconds += o.cpu_seconds;
         if self.first_error.is_none() {
             self.first_error.clone_from(&o.first_error);
@@ -256,10 +293,16 @@ mod tests {
             open_by_topic: vec![1, 2, 3],
             first_error: Some("x".into()),
             cpu_seconds: 1.5,
+            first_connect_ns: 50,
+            last_complete_ns: 90,
             ..ShardResult::default()
         };
         r.merge(&other);
         assert_eq!(r.open_by_topic, vec![2, 3, 3]);
+        assert_eq!((r.first_connect_ns, r.last_complete_ns), (50, 90));
+        r.merge(&ShardResult { first_connect_ns: 40, last_complete_ns: 80, ..ShardResult::default() });
+        r.merge(&ShardResult::default());
+        assert_eq!((r.first_connect_ns, r.last_complete_ns), (40, 90));
         assert_eq!(r.counters.received, 20);
         assert_eq!(r.first_error.as_deref(), Some("x"));
         let json = serde_json::to_string(&r).unwrap();

@@ -27,12 +27,20 @@ pub struct SubConfig {
     pub source: Option<(Ipv4Addr, u32)>,
     /// Connection attempts in flight per thread.
     pub inflight_per_thread: usize,
+    /// Replay mode: events each stream must receive, per topic index; a stream that has
+    /// them all records its completion time.
+    pub expect_by_topic: Option<Vec<u64>>,
 }
 
 impl SubConfig {
     /// Topic index of global subscriber `g`.
     pub fn topic_of(&self, g: usize) -> usize {
         g % self.requests.len()
+    }
+
+    /// Events a stream on topic index `topic` must receive before it counts as complete.
+    fn expected_on(&self, topic: usize) -> Option<u64> {
+        self.expect_by_topic.as_ref().map(|e| e.get(topic).copied().unwrap_or(0))
     }
 
     /// Source address of global subscriber `g`.
@@ -42,12 +50,14 @@ impl SubConfig {
     }
 }
 
-/// Builds the subscribe request for one topic path.
-pub fn subscribe_request(path: &str, host: &str, http10: bool) -> Vec<u8> {
+/// Builds the subscribe request for one topic path; `last_event_id` resumes the stream
+/// (`Last-Event-ID` header, as an EventSource sends on reconnect).
+pub fn subscribe_request(path: &str, host: &str, http10: bool, last_event_id: Option<&str>) -> Vec<u8> {
     let version = if http10 { "HTTP/1.0" } else { "HTTP/1.1" };
+    let resume = last_event_id.map(|id| format!("Last-Event-ID: {id}\r\n")).unwrap_or_default();
     format!(
         "GET {path} {version}\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
-         Cache-Control: no-cache\r\nUser-Agent: ringcast-loadtest\r\n\r\n"
+         Cache-Control: no-cache\r\n{resume}User-Agent: ringcast-loadtest\r\n\r\n"
     )
     .into_bytes()
 }
@@ -60,6 +70,10 @@ struct Shared {
     threads_connect_done: AtomicUsize,
     threads: usize,
     open_by_topic: Vec<AtomicU64>,
+    /// CLOCK_MONOTONIC ns when the first connect started (`u64::MAX` until then).
+    first_connect_ns: AtomicU64,
+    /// CLOCK_MONOTONIC ns of the latest stream completion (replay mode).
+    last_complete_ns: AtomicU64,
     first_error: Mutex<Option<String>>,
 }
 
@@ -79,6 +93,7 @@ impl Shared {
 struct ThreadResult {
     latency: Histogram<u64>,
     connect: Histogram<u64>,
+    complete: Histogram<u64>,
 }
 
 /// A set of subscriber threads holding one process's share of the subscribers.
@@ -98,6 +113,8 @@ impl SubscriberGroup {
             threads_connect_done: AtomicUsize::new(0),
             threads,
             open_by_topic: (0..cfg.requests.len()).map(|_| AtomicU64::new(0)).collect(),
+            first_connect_ns: AtomicU64::new(u64::MAX),
+            last_complete_ns: AtomicU64::new(0),
             first_error: Mutex::new(None),
         });
         let cfg = Arc::new(cfg);
@@ -134,11 +151,13 @@ impl SubscriberGroup {
         self.shared.stop.store(true, Ordering::Release);
         let mut latency = stats::new_histogram();
         let mut connect = stats::new_histogram();
+        let mut complete = stats::new_histogram();
         for h in self.handles {
             match h.join() {
                 Ok(Ok(r)) => {
                     stats::merge(&mut latency, &r.latency);
                     stats::merge(&mut connect, &r.connect);
+                    stats::merge(&mut complete, &r.complete);
                 }
                 Ok(Err(e)) => self.shared.note_error(|| format!("subscriber thread: {e}")),
                 Err(_) => self.shared.note_error(|| "subscriber thread panicked".into()),
@@ -150,6 +169,12 @@ impl SubscriberGroup {
             open_by_topic: self.shared.open_by_topic(),
             latency: stats::to_pairs(&latency),
             connect: stats::to_pairs(&connect),
+            complete: stats::to_pairs(&complete),
+            first_connect_ns: match self.shared.first_connect_ns.load(Ordering::Acquire) {
+                u64::MAX => 0,
+                ns => ns,
+            },
+            last_complete_ns: self.shared.last_complete_ns.load(Ordering::Acquire),
             cpu_seconds: 0.0,
             first_error,
         }
@@ -176,6 +201,8 @@ struct Conn {
     started_ns: u64,
     /// Next expected sequence number per publisher.
     next_seq: Box<[u64]>,
+    /// Events counted as `unique` on this stream.
+    unique: u64,
 }
 
 /// Why a connection is being closed.
@@ -199,6 +226,7 @@ struct Worker {
     delta: Counters,
     latency: Histogram<u64>,
     connect: Histogram<u64>,
+    complete: Histogram<u64>,
 }
 
 impl Worker {
@@ -214,6 +242,7 @@ impl Worker {
                 parser: StreamParser::default(),
                 started_ns: 0,
                 next_seq: vec![0; cfg.publishers].into_boxed_slice(),
+                unique: 0,
             })
             .collect();
         Ok(Worker {
@@ -226,6 +255,7 @@ impl Worker {
             delta: Counters::default(),
             latency: stats::new_histogram(),
             connect: stats::new_histogram(),
+            complete: stats::new_histogram(),
         })
     }
 
@@ -264,7 +294,7 @@ impl Worker {
             self.flush();
         }
         self.flush();
-        Ok(ThreadResult { latency: self.latency, connect: self.connect })
+        Ok(ThreadResult { latency: self.latency, connect: self.connect, complete: self.complete })
     }
 
     fn flush(&mut self) {
@@ -277,6 +307,9 @@ impl Worker {
             self.next_to_start += 1;
             let conn = &mut self.conns[idx];
             conn.started_ns = net::mono_ns();
+            if idx == 0 {
+                self.shared.first_connect_ns.fetch_min(conn.started_ns, Ordering::AcqRel);
+            }
             let src = self.cfg.source_of(conn.global);
             let result = net::start_connect(&self.cfg.target, src).and_then(|fd| {
                 self.epoll.add(fd.as_raw_fd(), EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, idx as u64)?;
@@ -384,6 +417,7 @@ impl Worker {
                 Err(e) => return Err(Close::Error(format!("read: {e}"))),
             };
             let now = net::mono_ns();
+            self.delta.bytes += n as u64;
             self.feed(idx, &buf[..n], now)?;
             if n < buf.len() && !must_drain {
                 // A short read drained the socket; new data raises a new edge.
@@ -393,9 +427,10 @@ impl Worker {
     }
 
     fn feed(&mut self, idx: usize, data: &[u8], now: u64) -> Result<(), Close> {
-        let Worker { conns, delta, latency, connect, shared, inflight, .. } = self;
+        let Worker { cfg, conns, delta, latency, connect, complete, shared, inflight, .. } = self;
         let conn = &mut conns[idx];
-        let Conn { parser, next_seq, topic, started_ns, connected, .. } = conn;
+        let Conn { parser, next_seq, topic, started_ns, connected, unique, .. } = conn;
+        let expected = cfg.expected_on(*topic);
         let mut outcome = Ok(());
         let res = parser.feed(data, &mut |ev| match ev {
             StreamEvent::Head { status: 200 } => {
@@ -404,6 +439,10 @@ impl Worker {
                 *inflight -= 1;
                 shared.open_by_topic[*topic].fetch_add(1, Ordering::Relaxed);
                 stats::record(connect, now.saturating_sub(*started_ns));
+                if expected == Some(0) {
+                    // Nothing to replay on this topic: complete once connected.
+                    mark_complete(delta, complete, shared, now, *started_ns);
+                }
             }
             StreamEvent::Head { status } => {
                 outcome = Err(Close::Error(format!("subscribe answered {status}")));
@@ -412,8 +451,15 @@ impl Worker {
                 Some(next) => {
                     delta.received += 1;
                     if p.seq >= *next {
+                        if p.seq > *next {
+                            delta.gaps += 1;
+                        }
                         delta.unique += 1;
                         *next = p.seq + 1;
+                        *unique += 1;
+                        if Some(*unique) == expected {
+                            mark_complete(delta, complete, shared, now, *started_ns);
+                        }
                     } else {
                         delta.duplicates += 1;
                     }
@@ -433,4 +479,11 @@ impl Worker {
         }
         outcome
     }
+}
+
+/// A stream has received everything expected on its topic (replay mode).
+fn mark_complete(delta: &mut Counters, hist: &mut Histogram<u64>, shared: &Shared, now: u64, started_ns: u64) {
+    delta.completed += 1;
+    stats::record(hist, now.saturating_sub(started_ns));
+    shared.last_complete_ns.fetch_max(now, Ordering::AcqRel);
 }

@@ -259,3 +259,24 @@ fn connect_timeout_cuts_off_silent_servers() {
     assert!(r["first_error"].as_str().unwrap().contains("timeout"), "{r}");
     assert_eq!(r["publish"]["errors"], 1, "{r}");
 }
+
+#[test]
+fn replay_without_history_ends_after_grace_unverified() {
+    // The mock answers publishes with an id but keeps no history: nothing is replayed.
+    let addr = start_mock(false);
+    let out = Command::new(env!("CARGO_BIN_EXE_ringcast-loadtest"))
+        .arg(format!("http://{addr}"))
+        .args(["--json", "-q", "-c", "5", "--replay", "10", "--grace", "300ms"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["mode"], "replay", "{r}");
+    assert_eq!(r["last_event_id"], "1", "{r}");
+    assert_eq!(r["publish"]["published"], 10, "{r}");
+    assert_eq!(r["connect"]["connected"], 5, "{r}");
+    assert_eq!(r["replay"]["expected"], 50, "{r}");
+    assert_eq!(r["replay"]["delivered"], 0, "{r}");
+    assert_eq!(r["replay"]["complete_subscribers"], 0, "{r}");
+    assert_eq!(r["replay"]["verified"], false, "{r}");
+}
