@@ -4,6 +4,7 @@
 # $OUT (default /tmp/ringcast-bench) and a summary table on stdout.
 #
 #   loadtest/bench/run.sh [scenario...]     scenarios: rate1k rate10k burst idle (default: all)
+#   SERVERS=ringcast CORES=2 OUT=/tmp/x loadtest/bench/run.sh burst
 #
 # Needs: nginx with libnginx-mod-nchan (apt-get install -y libnginx-mod-nchan), release builds.
 set -euo pipefail
@@ -44,7 +45,7 @@ start_nchan() {
   nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2>"$OUT/nchan.err" &
   NC_MASTER=$!
   for _ in $(seq 100); do
-    NC_WORKERS=$(pgrep -P "$NC_MASTER" | paste -sd, -)
+    NC_WORKERS=$(pgrep -P "$NC_MASTER" | paste -sd, - || true)
     [ -n "$NC_WORKERS" ] && [ "$(echo "$NC_WORKERS" | tr ',' '\n' | wc -l)" -ge "$CORES" ] && return
     sleep 0.05
   done
@@ -67,9 +68,9 @@ run_one() { # server scenario
   echo "$server $scenario: $(head -c 300 "$out")" >&2
 }
 
+read -r -a SERVERS <<<"${SERVERS:-ringcast nchan}"
 for s in "${SCENARIOS[@]}"; do
-  run_one ringcast "$s"
-  run_one nchan "$s"
+  for server in "${SERVERS[@]}"; do run_one "$server" "$s"; done
 done
 
 python3 - "$OUT" "${SCENARIOS[@]}" <<'PY'
