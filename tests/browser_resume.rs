@@ -21,15 +21,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+use support::browser::{check_prerequisites, chromium_path, HOW_TO_FIX};
 use support::Server;
 
 /// The script bounds itself at 45 s; this is the backstop if node itself wedges.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Failure bound for one relayed connection waiting for the end of a cut.
 const HOLD_TIMEOUT: Duration = Duration::from_secs(30);
-
-const HOW_TO_FIX: &str = "run scripts/test.sh once (it installs Debian's chromium and runs \
-                          `npm ci` in tests/browser), then re-run this test";
 
 // ---------------------------------------------------------------------------------------------
 // A TCP relay that can cut the network
@@ -173,28 +171,6 @@ fn pump(mut from: TcpStream, mut to: TcpStream, record: Option<Arc<Mutex<Vec<u8>
 // ---------------------------------------------------------------------------------------------
 // The browser script
 // ---------------------------------------------------------------------------------------------
-
-fn chromium_path() -> PathBuf {
-    std::env::var_os("CHROMIUM_PATH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
-}
-
-/// Panics (fails the test) with a clear message when a prerequisite is missing.
-fn check_prerequisites(browser_dir: &std::path::Path) {
-    let mut missing = Vec::new();
-    let chromium = chromium_path();
-    if !chromium.exists() {
-        missing.push(format!("{} (Debian package `chromium`)", chromium.display()));
-    }
-    match Command::new("node").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status() {
-        Ok(s) if s.success() => {}
-        _ => missing.push("`node` on PATH (Node.js >= 20)".to_string()),
-    }
-    let pw = browser_dir.join("node_modules").join("playwright-core");
-    if !pw.exists() {
-        missing.push(format!("{} (npm ci in tests/browser)", pw.display()));
-    }
-    assert!(missing.is_empty(), "browser test prerequisites missing: {}.\n=> {HOW_TO_FIX}", missing.join(", "));
-}
 
 /// The node child; killed on drop.
 struct Node {

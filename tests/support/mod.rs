@@ -9,6 +9,8 @@
 //! - `publish*`, `metrics`, `wait_for_metric`: small helpers over the endpoints.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
