@@ -17,8 +17,7 @@
 // Exit 0 on success; otherwise exit 1 with a message saying what the browser saw.
 // The whole run is bounded by OVERALL_TIMEOUT_MS (30 s).
 
-import { chromium } from 'playwright-core';
-import { existsSync } from 'node:fs';
+import { launchPage } from './launch.mjs';
 
 const OVERALL_TIMEOUT_MS = 30_000;
 const STEP_TIMEOUT_MS = 10_000;
@@ -26,19 +25,6 @@ const TOPIC = 'browser';
 const MESSAGE_DATA = 'line one\nline two';
 const GREETING_DATA = 'hello';
 
-// Flags this closed network needs (docs: /work/.library/env/machines/rust.md). playwright-core
-// itself adds a fresh temporary --user-data-dir for every launch() (and refuses one in `args`),
-// and deletes it on close.
-const CHROMIUM_FLAGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 const log = (...a) => console.log('[eventsource.mjs]', ...a);
 
@@ -122,29 +108,15 @@ async function main() {
   const base = rawBase.replace(/\/+$/, '');
   state.base = base;
 
-  const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-  if (!existsSync(executablePath)) {
-    return fail(`${executablePath} not found: run scripts/test.sh (it installs Debian's chromium)`);
+  let page;
+  try {
+    ({ browser, page } = await launchPage(base, state, STEP_TIMEOUT_MS));
+  } catch (e) {
+    return fail(e.message);
   }
-
-  state.step = 'launch chromium';
-  browser = await chromium.launch({
-    executablePath,
-    headless: true,
-    // Chromium refuses some ports outright (ERR_UNSAFE_PORT); allow the one under test.
-    args: [...CHROMIUM_FLAGS, `--explicitly-allowed-ports=${new URL(base).port || 80}`],
-    timeout: STEP_TIMEOUT_MS,
-  });
-  const page = await browser.newPage();
-  page.on('console', (m) => state.pageConsole.push(`${m.type()}: ${m.text()}`));
-  page.on('pageerror', (e) => state.pageErrors.push(String(e)));
   page.on('response', (r) => {
     if (r.status() >= 400) state.pageHttpErrors.push(`${r.status()} ${r.request().method()} ${r.url()}`);
   });
-  // Chromium asks for /favicon.ico; the server rightly 404s it. Answer it here so that the
-  // failure report holds only requests this test made.
-  await page.route('**/favicon.ico', (route) => route.fulfill({ status: 204, body: '' }));
-  page.setDefaultTimeout(STEP_TIMEOUT_MS);
 
   state.step = `load ${base}/health`;
   const resp = await page.goto(`${base}/health`, { timeout: STEP_TIMEOUT_MS });

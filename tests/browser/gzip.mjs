@@ -18,25 +18,13 @@
 //
 // Exit 0 on success; otherwise exit 1 with what the browser saw. Bounded by OVERALL_TIMEOUT_MS.
 
-import { chromium } from 'playwright-core';
-import { existsSync } from 'node:fs';
+import { launchPage } from './launch.mjs';
 import http from 'node:http';
 
 const OVERALL_TIMEOUT_MS = 30_000;
 const STEP_TIMEOUT_MS = 10_000;
 const TOPIC = 'gzbrowser';
 
-// Same flags as eventsource.mjs (docs: /work/.library/env/machines/rust.md).
-const CHROMIUM_FLAGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 // What Chromium's network stack sends on http:// requests.
 const CHROMIUM_ACCEPT_ENCODING = 'gzip, deflate, br, zstd';
@@ -145,21 +133,12 @@ async function main() {
   const base = rawBase.replace(/\/+$/, '');
   state.base = base;
 
-  const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-  if (!existsSync(executablePath)) {
-    return fail(`${executablePath} not found: run scripts/test.sh (it installs Debian's chromium)`);
+  let page;
+  try {
+    ({ browser, page } = await launchPage(base, state, STEP_TIMEOUT_MS));
+  } catch (e) {
+    return fail(e.message);
   }
-
-  state.step = 'launch chromium';
-  browser = await chromium.launch({
-    executablePath,
-    headless: true,
-    args: [...CHROMIUM_FLAGS, `--explicitly-allowed-ports=${new URL(base).port || 80}`],
-    timeout: STEP_TIMEOUT_MS,
-  });
-  const page = await browser.newPage();
-  page.on('console', (m) => state.pageConsole.push(`${m.type()}: ${m.text()}`));
-  page.on('pageerror', (e) => state.pageErrors.push(String(e)));
   const isEvents = (url) => new URL(url).pathname === '/events';
   // Resolves with the page's /events response once playwright reports its head.
   let onEventsResponse;
@@ -168,8 +147,6 @@ async function main() {
     if (r.status() >= 400) state.pageHttpErrors.push(`${r.status()} ${r.request().method()} ${r.url()}`);
     if (isEvents(r.url())) onEventsResponse(r);
   });
-  await page.route('**/favicon.ico', (route) => route.fulfill({ status: 204, body: '' }));
-  page.setDefaultTimeout(STEP_TIMEOUT_MS);
 
   state.step = `load ${base}/health`;
   const resp = await page.goto(`${base}/health`, { timeout: STEP_TIMEOUT_MS });

@@ -25,25 +25,13 @@
 //
 // Exit 0 on success; otherwise exit 1 with what the browser saw. Bounded by OVERALL_TIMEOUT_MS.
 
-import { chromium } from 'playwright-core';
-import { existsSync } from 'node:fs';
+import { launchPage } from './launch.mjs';
 import { createInterface } from 'node:readline';
 
 const OVERALL_TIMEOUT_MS = 45_000;
 const STEP_TIMEOUT_MS = 15_000;
 const TOPIC = 'resume';
 
-// Same flags as eventsource.mjs (docs: /work/.library/env/machines/rust.md).
-const CHROMIUM_FLAGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 const log = (...a) => console.log('[resume.mjs]', ...a);
 
@@ -158,23 +146,12 @@ async function main() {
   state.relay = relay;
   state.server = server;
 
-  const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-  if (!existsSync(executablePath)) {
-    return fail(`${executablePath} not found: run scripts/test.sh (it installs Debian's chromium)`);
+  let page;
+  try {
+    ({ browser, page } = await launchPage(relay, state, STEP_TIMEOUT_MS));
+  } catch (e) {
+    return fail(e.message);
   }
-
-  state.step = 'launch chromium';
-  browser = await chromium.launch({
-    executablePath,
-    headless: true,
-    args: [...CHROMIUM_FLAGS, `--explicitly-allowed-ports=${new URL(relay).port || 80}`],
-    timeout: STEP_TIMEOUT_MS,
-  });
-  const page = await browser.newPage();
-  page.on('console', (m) => state.pageConsole.push(`${m.type()}: ${m.text()}`));
-  page.on('pageerror', (e) => state.pageErrors.push(String(e)));
-  await page.route('**/favicon.ico', (route) => route.fulfill({ status: 204, body: '' }));
-  page.setDefaultTimeout(STEP_TIMEOUT_MS);
 
   state.step = `load ${relay}/health`;
   const resp = await page.goto(`${relay}/health`, { timeout: STEP_TIMEOUT_MS });
