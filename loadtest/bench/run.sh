@@ -23,8 +23,8 @@ LT="$ROOT/target/release/ringcast-loadtest"
 
 args_for() {
   case "$1" in
-    rate1k) echo "-c 1000 --rate 500 -d 10s -p 2 --pipeline 8" ;;
-    rate10k) echo "-c 10000 --rate 100 -d 10s -p 2 --pipeline 8" ;;
+    rate1k) echo "-c 1000 --rate 500 -d 10s -p 2" ;;
+    rate10k) echo "-c 10000 --rate 100 -d 10s -p 2" ;;
     burst) echo "-c 1000 --burst 5000 -p 4 --pipeline 32" ;;
     idle) echo "-c 19900 --burst 10 --max-per-process 10000" ;;
   esac

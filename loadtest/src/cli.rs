@@ -87,6 +87,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
 
+    /// Unanswered publish requests one publisher may have outstanding in rate mode. Rate mode
+    /// is open-loop (like wrk2): events go out on schedule without waiting for earlier answers.
+    #[arg(long, default_value_t = 1_000)]
+    pub max_in_flight: usize,
+
     /// Publisher connect / response timeout; a publisher that hits it stops publishing.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub publish_timeout: Duration,
@@ -176,6 +181,9 @@ impl Args {
         }
         if self.publishers == 0 {
             return Err("--publishers must be at least 1".into());
+        }
+        if self.max_in_flight == 0 {
+            return Err("--max-in-flight must be at least 1".into());
         }
         if self.pipeline == 0 {
             return Err("--pipeline must be at least 1".into());

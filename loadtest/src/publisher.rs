@@ -25,6 +25,8 @@ pub struct PubConfig {
     pub mode: PublishMode,
     pub publishers: usize,
     pub pipeline: usize,
+    /// Unanswered requests a rate-mode publisher may have outstanding.
+    pub max_in_flight: usize,
     /// Connect / write / response timeout; a publisher that hits it stops.
     pub timeout: Duration,
 }
@@ -243,27 +245,100 @@ impl PubWorker {
                     done += batch as u64;
                 }
             }
-            PublishMode::Rate { rate, duration } => {
-                // Each publisher sends every `interval`, staggered by id.
-                let interval = n as f64 * 1e9 / rate;
-                let offset = self.id as f64 * 1e9 / rate;
-                let end = start_ns + duration.as_nanos() as u64;
-                for k in 0u64.. {
-                    // Behind schedule, events go out back to back; nothing
-                    // is sent after the end of the duration.
-                    let due = start_ns + (offset + k as f64 * interval) as u64;
-                    let now = mono_ns();
-                    if due >= end || now >= end || self.gave_up || self.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if due > now + 50_000 {
-                        std::thread::sleep(Duration::from_nanos(due - now));
-                    }
-                    self.publish_batch(1);
-                }
-            }
+            PublishMode::Rate { rate, duration } => self.run_rate(start_ns, rate, duration),
         }
         self.result
+    }
+
+    /// Open-loop publishing (like wrk2): each event is written at its scheduled time without
+    /// waiting for earlier answers, which a reader thread collects in order; at most
+    /// `cfg.max_in_flight` answers may be outstanding. Each event carries its scheduled time,
+    /// so a server that stalls the publisher shows up as latency (no coordinated omission).
+    fn run_rate(&mut self, start_ns: u64, rate: f64, duration: Duration) {
+        let n = self.cfg.publishers as u64;
+        // Each publisher sends every `interval`, staggered by id.
+        let interval = n as f64 * 1e9 / rate;
+        let offset = self.id as f64 * 1e9 / rate;
+        let end = start_ns + duration.as_nanos() as u64;
+        let topics = self.cfg.paths.len();
+        let mut line: Option<RateLine> = None;
+        let mut buf = Vec::with_capacity(self.cfg.size + 256);
+        for k in 0u64.. {
+            // Behind schedule, events go out back to back; nothing is sent after the end of the
+            // duration.
+            let due = start_ns + (offset + k as f64 * interval) as u64;
+            let now = mono_ns();
+            if due >= end || now >= end || self.gave_up || self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if due > now + 50_000 {
+                std::thread::sleep(Duration::from_nanos(due - now));
+            }
+            if line.as_ref().is_some_and(|l| l.broken.load(Ordering::Relaxed)) {
+                self.finish_line(line.take());
+            }
+            if line.is_none() {
+                match RateLine::open(self) {
+                    Ok(l) => line = Some(l),
+                    Err(e) => {
+                        self.error(1, || format!("publisher connect: {e}"));
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                }
+            }
+            let l = line.as_mut().expect("opened above");
+            let topic = self.next_topic;
+            self.next_topic = (self.next_topic + 1) % topics;
+            let seq = self.seq[topic];
+            self.seq[topic] += 1;
+            buf.clear();
+            self.write_request(topic, seq, due.min(mono_ns()), &mut buf);
+            // Blocks while `max_in_flight` answers are outstanding.
+            if l.queue.send((topic, mono_ns())).is_err() {
+                self.finish_line(line.take());
+                self.error(1, || "publish connection closed by the server".into());
+                continue;
+            }
+            if let Err(e) = l.writer.write_all(&buf) {
+                l.broken.store(true, Ordering::Relaxed);
+                let _ = l.writer.shutdown(std::net::Shutdown::Both);
+                self.error(0, || format!("publish write: {e}"));
+            }
+        }
+        self.finish_line(line);
+    }
+
+    /// Closes the queue of an open-loop line, waits for its reader and merges what it counted.
+    fn finish_line(&mut self, line: Option<RateLine>) {
+        let Some(RateLine { writer, queue, reader, .. }) = line else { return };
+        drop(queue);
+        let got = reader.join().expect("publisher reader panicked");
+        drop(writer);
+        stats::add_by_topic(&mut self.result.published_by_topic, &got.published_by_topic);
+        self.result.errors += got.errors;
+        stats::merge(&mut self.result.rtt, &got.rtt);
+        if self.result.first_id.is_none() {
+            self.result.first_id = got.first_id;
+        }
+        if got.timed_out {
+            self.gave_up = true;
+        }
+    }
+
+    /// Appends one publish request for `topic` carrying (`t_ns`, `seq`) to `buf`.
+    fn write_request(&self, topic: usize, seq: u64, t_ns: u64, buf: &mut Vec<u8>) {
+        let mut body = Vec::with_capacity(self.cfg.size + 64);
+        Payload { t_ns, seq, publisher: self.id as u32 }.write_padded(self.cfg.size, &mut body);
+        write!(
+            buf,
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+            self.cfg.paths[topic],
+            self.cfg.host_header,
+            body.len()
+        )
+        .expect("write to Vec");
+        buf.extend_from_slice(&body);
     }
 
     fn error(&mut self, count: u64, msg: impl FnOnce() -> String) {
@@ -290,23 +365,12 @@ impl PubWorker {
         let topics = self.cfg.paths.len();
         let mut buf = Vec::with_capacity(batch * (self.cfg.size + 200));
         let mut sent_topics = Vec::with_capacity(batch);
-        let mut body = Vec::with_capacity(self.cfg.size + 64);
         for _ in 0..batch {
             let topic = self.next_topic;
             self.next_topic = (self.next_topic + 1) % topics;
             let seq = self.seq[topic];
             self.seq[topic] += 1;
-            body.clear();
-            Payload { t_ns: mono_ns(), seq, publisher: self.id as u32 }.write_padded(self.cfg.size, &mut body);
-            write!(
-                buf,
-                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
-                self.cfg.paths[topic],
-                self.cfg.host_header,
-                body.len()
-            )
-            .expect("write to Vec");
-            buf.extend_from_slice(&body);
+            self.write_request(topic, seq, mono_ns(), &mut buf);
             sent_topics.push(topic);
         }
         let sent_ns = mono_ns();
@@ -353,6 +417,96 @@ impl PubWorker {
                 }
             }
         }
+    }
+}
+
+/// What an open-loop reader counted.
+struct LineResult {
+    published_by_topic: Vec<u64>,
+    errors: u64,
+    rtt: Histogram<u64>,
+    first_id: Option<String>,
+    /// The server stopped answering within the timeout.
+    timed_out: bool,
+}
+
+/// One open-loop publisher connection: the writer half, the queue of (topic, sent at) of
+/// unanswered requests, and the reader thread that answers them in order.
+struct RateLine {
+    writer: TcpStream,
+    queue: std::sync::mpsc::SyncSender<(usize, u64)>,
+    broken: Arc<AtomicBool>,
+    reader: JoinHandle<LineResult>,
+}
+
+impl RateLine {
+    fn open(w: &PubWorker) -> io::Result<RateLine> {
+        let mut conn = PubConn::open(&w.cfg.target, w.cfg.timeout)?;
+        let writer = conn.writer.try_clone()?;
+        let (queue, answers) = std::sync::mpsc::sync_channel::<(usize, u64)>(w.cfg.max_in_flight);
+        let broken = Arc::new(AtomicBool::new(false));
+        let (progress, first_error, topics) = (w.progress.clone(), w.first_error.clone(), w.cfg.paths.len());
+        let (flag, timeout) = (broken.clone(), w.cfg.timeout);
+        let mut want_id = !w.accepted_any;
+        let reader = std::thread::Builder::new().name(format!("pub-{}-rx", w.id)).spawn(move || {
+            let mut r = LineResult {
+                published_by_topic: vec![0; topics],
+                errors: 0,
+                rtt: stats::new_histogram(),
+                first_id: None,
+                timed_out: false,
+            };
+            let fail = |r: &mut LineResult, msg: String| {
+                r.errors += 1;
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+                let mut slot = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.is_none() {
+                    *slot = Some(msg);
+                }
+            };
+            let mut dead = false;
+            // After a failure every request still queued counts as an error.
+            for (topic, sent_ns) in answers.iter() {
+                if dead {
+                    fail(&mut r, "publish connection lost".into());
+                    continue;
+                }
+                match conn.read_response(want_id) {
+                    Ok((status, close, body)) => {
+                        stats::record(&mut r.rtt, mono_ns().saturating_sub(sent_ns));
+                        if (200..300).contains(&status) {
+                            if want_id {
+                                want_id = false;
+                                r.first_id = body.as_deref().and_then(parse_publish_id);
+                            }
+                            r.published_by_topic[topic] += 1;
+                            progress.published.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            fail(&mut r, format!("publish answered {status}"));
+                        }
+                        if close {
+                            dead = true;
+                        }
+                    }
+                    Err(e) => {
+                        if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+                            r.timed_out = true;
+                            let secs = timeout.as_secs_f64();
+                            fail(&mut r, format!("publish response timed out after {secs}s; publisher stopped"));
+                        } else {
+                            fail(&mut r, format!("publish response: {e}"));
+                        }
+                        dead = true;
+                    }
+                }
+                if dead {
+                    flag.store(true, Ordering::Relaxed);
+                    let _ = conn.writer.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            r
+        })?;
+        Ok(RateLine { writer, queue, broken, reader })
     }
 }
 

@@ -55,6 +55,7 @@ pub fn pub_config(args: &Args, target: &Target, mode: PublishMode) -> PubConfig 
         mode,
         publishers: args.publishers,
         pipeline: if matches!(mode, PublishMode::Burst { .. }) { args.pipeline } else { 1 },
+        max_in_flight: args.max_in_flight,
         timeout: args.publish_timeout,
     }
 }

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -17,7 +18,8 @@ type Subscribers = Arc<Mutex<HashMap<String, Vec<(TcpStream, bool)>>>>;
 ///
 /// `GET /events?topic=T` or `GET /sub/T` subscribes (chunked for HTTP/1.1,
 /// plain for HTTP/1.0); `POST /publish?topic=T` or `POST /pub/T` publishes the body.
-/// With `split_events`, each event is written as several chunks.
+/// With `split_events`, each event is written as several chunks. Publishes to a topic whose
+/// name starts with `slow` are answered 100 ms late (after the event went out).
 fn start_mock(split_events: bool) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -43,6 +45,16 @@ fn serve(stream: TcpStream, subs: Subscribers, split_events: bool) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut out = stream;
     let mut next_id = 0u64;
+    let (answers, queued) = std::sync::mpsc::channel::<(Instant, String)>();
+    let mut answer_out = out.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for (due, resp) in queued {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if answer_out.write_all(resp.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
     loop {
         let mut request_line = String::new();
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
@@ -114,12 +126,14 @@ fn serve(stream: TcpStream, subs: Subscribers, split_events: bool) {
                     });
                 }
                 drop(map);
+                let delay = if topic.starts_with("slow") { Duration::from_millis(100) } else { Duration::ZERO };
                 let body = format!("{{\"id\":\"{next_id}\"}}");
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 );
-                if out.write_all(resp.as_bytes()).is_err() {
+                // Answers leave in order from their own thread, each `delay` after its request.
+                if answers.send((Instant::now() + delay, resp)).is_err() {
                     return;
                 }
             }
@@ -209,6 +223,20 @@ fn rate_mode_with_server_pid() {
     let server = &r["server"];
     assert!(server["cpu_s"].as_f64().unwrap() >= 0.0, "{r}");
     assert!(server["rss_before_bytes"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[test]
+fn rate_mode_is_open_loop_when_answers_are_slow() {
+    // Every answer takes 100 ms: a publisher that waited for each answer would publish ~10
+    // events in the second; open-loop it keeps the offered 100/s and the latency measured from
+    // each event's scheduled time stays small because delivery itself is not delayed.
+    let addr = start_mock(false);
+    let r = loadtest(addr, &["-c", "5", "--rate", "100", "--duration", "1s", "--topic-prefix", "slow"]);
+    let published = r["publish"]["published"].as_u64().unwrap();
+    assert!(published >= 90, "publisher waited for answers: {r}");
+    assert_complete(&r, 5, published);
+    // Answers are 100 ms late, so the publish round trip shows it.
+    assert!(r["publish"]["rtt"]["p50_us"].as_f64().unwrap() >= 100_000.0, "{r}");
 }
 
 #[test]
