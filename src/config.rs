@@ -1,5 +1,6 @@
 //! Every flag (and its `RINGCAST_<NAME>` env var), with defaults and the reason for each.
 
+use crate::sender::SendChoice;
 use clap::{Parser, ValueEnum};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -33,6 +34,13 @@ pub struct Config {
     /// I/O driver.
     #[arg(long, env = "RINGCAST_DRIVER", value_enum, default_value = "auto")]
     pub driver: DriverChoice,
+
+    /// How each core sends to its streams: `auto` submits one io_uring SENDMSG per stream,
+    /// a whole flush per syscall, where the core runs io_uring (else `sendmsg`); `uring` does
+    /// so on every core and fails at start-up where it cannot; `sendmsg` makes one syscall per
+    /// stream.
+    #[arg(long, env = "RINGCAST_SEND", value_enum, default_value_t = SendChoice::Auto)]
+    pub send: SendChoice,
 
     /// io_uring submission queue entries per core (monoio: 256..=32768; a ring that cannot be
     /// built with this size makes `--driver auto` fall back to epoll).
@@ -72,8 +80,8 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_BATCH_WINDOW", default_value = "0", value_parser = parse_duration)]
     pub batch_window: Duration,
 
-    /// Events per broker-to-core batch, and frames pending on one stream that end its batch
-    /// window early.
+    /// Events per broker-to-core batch, frames one write to a stream may carry, and frames
+    /// pending on one stream that end its batch window early (1: no batching at all).
     #[arg(long, env = "RINGCAST_BATCH_MAX", default_value_t = 256)]
     pub batch_max: usize,
 

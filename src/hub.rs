@@ -4,6 +4,7 @@ use crate::broker::Event;
 use crate::frames::{FrameBatch, MAX_IOVECS};
 use crate::gzip::HEARTBEAT_GZIP;
 use crate::metrics::CoreStats;
+use crate::sender::BatchSender;
 use crate::sse::{Frame, Wire, HEARTBEAT_CHUNK, HEARTBEAT_RAW, LAST_CHUNK};
 use bytes::Bytes;
 use monoio::io::{AsyncWriteRent, OwnedWriteHalf};
@@ -97,11 +98,16 @@ pub struct Hub {
     held: Vec<StreamKey>,
     flusher: Option<Waker>,
     /// Streams with frames for the next `flush`.
-    dirty: Vec<StreamKey>,
+    dirty: VecDeque<StreamKey>,
     /// Scratch iovec array for `flush` (reused; IOV_MAX entries at most).
     iovecs: Vec<libc::iovec>,
     /// This hub, for the backlog writer tasks it spawns.
     me: Weak<RefCell<Hub>>,
+    /// io_uring batch sends (`--send`); `None`: one `sendmsg` per stream.
+    sender: Option<BatchSender>,
+    /// Sends issued and backlogs started, for `/metrics` (published after each flush).
+    pub sends: u64,
+    pub backlogs: u64,
     /// Streams with `Wire::Gzip` (the broker compresses frames only while there are some).
     gzip_subs: usize,
 }
@@ -113,7 +119,7 @@ pub struct HubLimits {
     pub slow: SlowPolicy,
     /// Hold writes for the batch window (`--batch-window` > 0).
     pub windowed: bool,
-    /// Pending frames that end a stream's window early.
+    /// Frames per sendmsg, and pending frames that end a stream's window early.
     pub batch_max: usize,
 }
 
@@ -151,14 +157,24 @@ impl Subscriber {
 
     /// One nonblocking gather-send of the queue (see `Hub::flush`). A backlog left by a full
     /// socket goes to a writer task (which waits for room); a drained closing stream is shut.
-    fn send_now(&mut self, iovecs: &mut Vec<libc::iovec>, hub: &Weak<RefCell<Hub>>, key: usize) {
+    /// `max_frames` bounds the frames one sendmsg carries (`--batch-max`).
+    /// Returns the sendmsg calls made and whether a backlog writer started.
+    fn send_now(
+        &mut self,
+        iovecs: &mut Vec<libc::iovec>,
+        hub: &Weak<RefCell<Hub>>,
+        key: usize,
+        max_frames: usize,
+    ) -> (u64, bool) {
         if self.writing || self.state == StreamState::Dead {
-            return;
+            return (0, false);
         }
+        let mut calls = 0;
         while !self.queue.is_empty() {
+            calls += 1;
             iovecs.clear();
             let mut offered = 0;
-            for (frame, _) in self.queue.iter().take(MAX_IOVECS) {
+            for (frame, _) in self.queue.iter().take(max_frames) {
                 iovecs.push(libc::iovec { iov_base: frame.as_ptr() as *mut libc::c_void, iov_len: frame.len() });
                 offered += frame.len();
             }
@@ -175,7 +191,7 @@ impl Subscriber {
                 if !matches!(err, Some(libc::EAGAIN | libc::EINTR)) {
                     // The peer is gone (EPIPE, ECONNRESET...): the close watcher removes it.
                     self.kill();
-                    return;
+                    return (calls, false);
                 }
                 break;
             }
@@ -184,14 +200,23 @@ impl Subscriber {
                 break; // socket buffer full
             }
         }
+        (calls, self.after_send(hub, key))
+    }
+
+    /// After the nonblocking sends: a backlog left by a full socket goes to a writer task
+    /// (which waits for room); a drained closing stream is shut.
+    /// Returns whether a backlog writer started.
+    fn after_send(&mut self, hub: &Weak<RefCell<Hub>>, key: usize) -> bool {
         if !self.queue.is_empty() {
             if let (Some(wr), Some(hub)) = (self.wr.take(), hub.upgrade()) {
                 self.writing = true;
                 monoio::spawn(write_backlog(hub, StreamKey { key, id: self.id }, wr));
+                return true;
             }
         } else if self.state == StreamState::Closing {
             kick(self.fd); // FIN after the queued bytes; the close watcher then removes it
         }
+        false
     }
 
     /// Close now: drop the queue and shut the socket (ends the close watcher's read).
@@ -242,10 +267,10 @@ impl Subscriber {
     }
 }
 
-fn mark_dirty(dirty: &mut Vec<StreamKey>, sub: &mut Subscriber, key: usize) {
+fn mark_dirty(dirty: &mut VecDeque<StreamKey>, sub: &mut Subscriber, key: usize) {
     if !sub.dirty {
         sub.dirty = true;
-        dirty.push(StreamKey { key, id: sub.id });
+        dirty.push_back(StreamKey { key, id: sub.id });
     }
 }
 
@@ -272,10 +297,24 @@ impl Hub {
             limits,
             held: Vec::new(),
             flusher: None,
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
             iovecs: Vec::new(),
             gzip_subs: 0,
+            sender: None,
+            sends: 0,
+            backlogs: 0,
         }
+    }
+
+    /// Sends of every later flush go through `sender`'s io_uring batches.
+    pub fn set_sender(&mut self, sender: BatchSender) {
+        self.sender = Some(sender);
+    }
+
+    /// Copies the send counters into the core's `/metrics` counters.
+    pub fn publish_io_counts(&self, stats: &CoreStats) {
+        stats.sends.store(self.sends, Ordering::Relaxed);
+        stats.backlogs.store(self.backlogs, Ordering::Relaxed);
     }
 
     pub fn subscribers(&self) -> usize {
@@ -452,21 +491,75 @@ impl Hub {
     /// task wake-up, no future, one syscall per stream per core wake-up. Only a stream whose
     /// socket is full (EAGAIN or a short send) wakes its writer task, which waits for room.
     pub fn flush(&mut self) {
-        let Hub { subs, dirty, iovecs, me, .. } = self;
-        for sk in dirty.drain(..) {
-            if let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
-                sub.dirty = false;
-                sub.send_now(iovecs, me, sk.key);
+        while self.flush_some(usize::MAX) {}
+    }
+
+    /// True when no stream waits for a flush.
+    pub fn flushed(&self) -> bool {
+        self.dirty.is_empty()
+    }
+
+    /// `flush` for at most `streams` streams, oldest first; true when some remain. Between
+    /// slices a core reads its mailbox and runs its other tasks, so a long fan-out neither
+    /// delays publishers' requests nor holds back newer events: a stream still waiting in this
+    /// pass takes them in the same send, and one already sent waits at the back.
+    pub fn flush_some(&mut self, streams: usize) -> bool {
+        if self.sender.is_some() {
+            self.flush_batched(streams);
+        } else {
+            let Hub { subs, dirty, iovecs, me, limits, sends, backlogs, .. } = self;
+            let max_frames = limits.batch_max.clamp(1, MAX_IOVECS);
+            for _ in 0..streams {
+                let Some(sk) = dirty.pop_front() else { break };
+                if let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
+                    sub.dirty = false;
+                    let (calls, backlog) = sub.send_now(iovecs, me, sk.key, max_frames);
+                    *sends += calls;
+                    *backlogs += u64::from(backlog);
+                }
             }
         }
+        !self.dirty.is_empty()
+    }
+
+    /// `flush_some` through io_uring: one `SENDMSG` per dirty stream, up to a ring's worth per
+    /// `io_uring_enter`. A stream with more frames than one send carries goes to the back.
+    fn flush_batched(&mut self, streams: usize) {
+        let Hub { subs, dirty, me, limits, sender, sends, backlogs, .. } = self;
+        let sender = sender.as_mut().expect("checked by flush_some");
+        let max_frames = limits.batch_max.clamp(1, MAX_IOVECS);
+        for _ in 0..streams {
+            let Some(sk) = dirty.pop_front() else { break };
+            // Frames stay in their queues (and alive) until the submit below returns: `sent`
+            // only runs inside `submit`.
+            let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { continue };
+            sub.dirty = false;
+            if sub.writing || sub.state == StreamState::Dead {
+                continue;
+            }
+            if sub.queue.is_empty() {
+                *backlogs += u64::from(sub.after_send(me, sk.key));
+                continue;
+            }
+            let frames = sub.queue.len().min(max_frames);
+            if sender.is_full(frames) {
+                sender.submit(|sk, offered, res| sent(subs, me, dirty, (sends, backlogs), sk, offered, res));
+            }
+            let sub = subs.get_mut(sk.key).expect("looked up above");
+            sender.add(sk, sub.fd, sub.queue.iter().take(frames).map(|(f, _)| f.as_ref()));
+        }
+        sender.submit(|sk, offered, res| sent(subs, me, dirty, (sends, backlogs), sk, offered, res));
     }
 
     /// `flush` for one stream (its opening bytes, or a replay outside the mailbox loop).
+    /// Sends it directly (one `sendmsg`), leaving every other stream to the mailbox loop.
     pub fn flush_one(&mut self, sk: StreamKey) {
-        if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
-            mark_dirty(&mut self.dirty, sub, sk.key);
+        let Hub { subs, iovecs, me, limits, sends, backlogs, .. } = self;
+        if let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
+            let (calls, backlog) = sub.send_now(iovecs, me, sk.key, limits.batch_max.clamp(1, MAX_IOVECS));
+            *sends += calls;
+            *backlogs += u64::from(backlog);
         }
-        self.flush();
     }
 
     /// Queues what the broker replayed for a stream and makes it live. Replayed bytes are
@@ -589,6 +682,33 @@ async fn write_backlog(hub: Rc<RefCell<Hub>>, sk: StreamKey, mut wr: OwnedWriteH
         hub.borrow_mut().written(sk, total);
         batch.clear();
     }
+}
+
+/// One batched send's outcome for its stream (see `Hub::flush_batched`).
+fn sent(
+    subs: &mut Slab<Subscriber>,
+    me: &Weak<RefCell<Hub>>,
+    dirty: &mut VecDeque<StreamKey>,
+    (sends, backlogs): (&mut u64, &mut u64),
+    sk: StreamKey,
+    offered: usize,
+    res: Result<usize, i32>,
+) {
+    let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { return };
+    *sends += 1;
+    match res {
+        Ok(n) => {
+            sub.consume(n);
+            if n == offered && !sub.queue.is_empty() {
+                mark_dirty(dirty, sub, sk.key); // more than one send carries: to the back
+                return;
+            }
+        }
+        Err(libc::EAGAIN | libc::EINTR) => {}
+        // The peer is gone (EPIPE, ECONNRESET...): the close watcher removes it.
+        Err(_) => return sub.kill(),
+    }
+    *backlogs += u64::from(sub.after_send(me, sk.key));
 }
 
 /// A core-local copy of a small frame (see `LOCAL_COPY_MAX`); large frames stay shared.

@@ -10,6 +10,7 @@
 //! - `sse`      event-stream framing, encoded once per event as a shared chunk
 //! - `hub`      per-core slab of streams, topic index, local fan-out, bounded queues
 //! - `gzip`     gzip streams: one shared deflate segment per event, stored blocks for small ones
+//! - `sender`   batched stream sends: one io_uring SENDMSG per stream, a flush per submit
 //! - `frames`   zero-copy vectored writes of shared frames (`FrameBatch`)
 //! - `mailbox`  broker -> core channel with a coalesced cross-thread wake-up
 //! - `broker`   the broker thread: event ids, encoding, fan-out to cores
@@ -27,6 +28,7 @@ pub mod hub;
 pub mod mailbox;
 pub mod metrics;
 pub mod publish;
+pub mod sender;
 pub mod server;
 pub mod sse;
 pub mod worker;

@@ -13,6 +13,11 @@ pub struct CoreStats {
     pub shed: AtomicU64,
     pub frames_queued: AtomicU64,
     pub conflated: AtomicU64,
+    /// Stream sends issued (sendmsg calls or io_uring SENDMSGs); frames_queued / sends is the
+    /// batching factor.
+    pub sends: AtomicU64,
+    /// Times a stream's socket was full and its backlog writer took over.
+    pub backlogs: AtomicU64,
 }
 
 /// State shared by all threads: touched per connection or per publish, never per frame.
@@ -84,6 +89,18 @@ impl Shared {
             "counter",
             "Frames queued to streams (deliveries).",
             sum_u64(|c| &c.frames_queued),
+        );
+        metric(
+            "ringcast_stream_sends_total",
+            "counter",
+            "Sends to streams (sendmsg calls or io_uring SENDMSGs); frames queued per send is the batching factor.",
+            sum_u64(|c| &c.sends),
+        );
+        metric(
+            "ringcast_stream_backlogs_total",
+            "counter",
+            "Times a stream's socket was full and its frames waited for room.",
+            sum_u64(|c| &c.backlogs),
         );
         metric(
             "ringcast_slow_consumer_disconnects_total",

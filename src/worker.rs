@@ -9,6 +9,7 @@ use crate::http::HttpError;
 use crate::hub::{Hub, HubLimits, StreamKey};
 use crate::mailbox::MailboxReceiver;
 use crate::metrics::{CoreStats, Shared};
+use crate::sender::{BatchSender, SendChoice};
 use crate::sse::{encode_notice, retry_frame, EventId};
 use monoio::io::Canceller;
 use monoio::net::{ListenerOpts, TcpListener};
@@ -27,6 +28,9 @@ use std::time::Duration;
 
 /// Mailbox messages handled before other tasks on this core get a turn.
 const MAILBOX_BUDGET: usize = 512;
+/// Streams sent to between two looks at the mailbox and the other tasks (a few ms of sends
+/// at most, even on a slow host).
+const FLUSH_SLICE: usize = 256;
 /// Pause after accept fails for lack of file descriptors (EMFILE returns at once, forever).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 /// Listen backlog: connection storms (reconnects after a restart) queue here.
@@ -232,6 +236,24 @@ fn run_thread(start: CoreStart) {
                 return;
             }
         };
+        let sender = match (start.cfg.send, driver) {
+            (SendChoice::Sendmsg, _) | (SendChoice::Auto, "epoll") => None,
+            (choice, _) => match BatchSender::new() {
+                Ok(s) => Some(s),
+                Err(e) if choice == SendChoice::Auto => {
+                    log::warn!("core {}: io_uring send ring: {e}; sending with sendmsg", start.index);
+                    None
+                }
+                Err(e) => {
+                    let why = format!("--send uring: cannot build the io_uring send ring: {e}");
+                    let _ = start.ready.send(Err(std::io::Error::new(e.kind(), why)));
+                    return;
+                }
+            },
+        };
+        if start.index == 0 {
+            log::info!("stream sends: {}", if sender.is_some() { "io_uring batches" } else { "sendmsg" });
+        }
         let _ = start.ready.send(listener.local_addr());
         let seed = (start.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
@@ -250,6 +272,9 @@ fn run_thread(start: CoreStart) {
             draining: Cell::new(false),
             rng: Cell::new(seed | 1),
         });
+        if let Some(sender) = sender {
+            worker.hub.borrow_mut().set_sender(sender);
+        }
         run_core(worker, listener, start.mailbox).await;
     });
 }
@@ -263,10 +288,13 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
     }
 
     'mailbox: loop {
-        mailbox.ready().await;
+        if worker.hub.borrow().flushed() {
+            mailbox.ready().await;
+        }
         let mut budget = MAILBOX_BUDGET;
         let mut acked = false;
-        while let Some(msg) = mailbox.try_recv() {
+        while budget > 0 {
+            let Some(msg) = mailbox.try_recv() else { break };
             match msg {
                 CoreMsg::Events(events) => {
                     let mut hub = worker.hub.borrow_mut();
@@ -282,18 +310,23 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
                 CoreMsg::Shutdown => break 'mailbox,
             }
             budget -= 1;
-            if budget == 0 {
-                worker.hub.borrow_mut().flush();
-                yield_now().await;
-                budget = MAILBOX_BUDGET;
-            }
         }
         if acked {
             // Publishers' answers (a few bytes each) go out before the fan-out's sends, so a
             // publish round trip does not pay for writing to every subscriber.
             yield_now().await;
         }
-        worker.hub.borrow_mut().flush();
+        let more = {
+            let mut hub = worker.hub.borrow_mut();
+            let more = hub.flush_some(FLUSH_SLICE);
+            hub.publish_io_counts(worker.stats());
+            more
+        };
+        if more || budget == 0 {
+            // A slice of a long fan-out is done: let requests, accepts and timers run, then
+            // take what the mailbox got meanwhile before the next slice.
+            yield_now().await;
+        }
     }
 
     // Drain: stop accepting, tell every stream when to come back, close, and leave in time.

@@ -4,7 +4,7 @@ mod support;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use support::{parse_id, post_request, publish_id, Server, SseStream};
+use support::{metric, parse_id, post_request, publish_id, Server, SseStream};
 
 /// True when the kernel refuses io_uring to this process (`kernel.io_uring_disabled=2`).
 fn uring_disabled() -> bool {
@@ -77,6 +77,13 @@ fn core_checks(server: &Server, label: &str) {
         assert_eq!(m.expect_event(&what(&format!("wide {i}"))).id.as_deref(), Some(wide.as_str()));
     }
 
+    // Every delivery went out in some send, and no send carried frames nobody queued.
+    let m = server.metrics();
+    let (sends, frames) = (metric(&m, "ringcast_stream_sends_total"), metric(&m, "ringcast_frames_queued_total"));
+    assert!(sends >= 20.0, "{label}: {sends} sends for 20 streams' event");
+    assert!(frames >= 26.0, "{label}: frames queued {frames}");
+    assert_eq!(metric(&m, "ringcast_stream_backlogs_total"), 0.0, "{label}: nobody is slow here");
+
     // Closing streams removes them.
     drop(many);
     drop(s);
@@ -110,6 +117,26 @@ fn auto_driver() {
 #[test]
 fn batched_writes_keep_events_whole_and_ordered() {
     run_core_checks(&["--batch-window", "20ms", "--cores", "2"]);
+}
+
+#[test]
+fn sendmsg_sends() {
+    run_core_checks(&["--send", "sendmsg", "--cores", "2"]);
+}
+
+#[test]
+fn uring_sends_on_the_epoll_driver() {
+    if uring_disabled() {
+        eprintln!("SKIPPED: kernel.io_uring_disabled=2; --send uring cannot run here");
+        return;
+    }
+    run_core_checks(&["--send", "uring", "--driver", "epoll", "--cores", "2"]);
+}
+
+#[test]
+fn unbatched_writes_keep_events_whole_and_ordered() {
+    // --batch-max 1: every frame its own broker batch and its own sendmsg.
+    run_core_checks(&["--batch-max", "1", "--cores", "2"]);
 }
 
 #[test]

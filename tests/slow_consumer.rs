@@ -79,4 +79,6 @@ fn slow_consumer_is_cut_off_and_reader_gets_every_event() {
     server.wait_for_metric("ringcast_subscribers", Duration::from_secs(10), |v| v == 0.0);
     let m = server.metrics();
     assert!(metric(&m, "ringcast_events_published_total") >= EVENTS as f64);
+    // The unread socket filled up before the cut: its frames waited in a backlog.
+    assert!(metric(&m, "ringcast_stream_backlogs_total") >= 1.0, "no backlog counted: {m:?}");
 }

@@ -1,0 +1,185 @@
+//! Batched stream sends: one io_uring `SENDMSG` per stream, all of a flush in one
+//! `io_uring_enter`.
+//!
+//! On loopback a delivery costs one trip through the kernel's TCP stack per send; what a
+//! server can still save is the syscall around each send. `../shared/fanout-floor` measures
+//! io_uring sends submitted together at 13-14 % less CPU per delivered event than one
+//! `write(2)` per socket at one event per send, so each core keeps a small ring of its own
+//! (separate from monoio's, which owns its completions) for the flush. Every send carries
+//! `MSG_DONTWAIT`, which makes io_uring answer `-EAGAIN` at once on a full socket instead of
+//! waiting for room: the whole batch completes inside the submit call, the frames it points at
+//! are not touched meanwhile, and a full socket goes to the stream's backlog writer exactly as
+//! with `sendmsg(2)`.
+
+use crate::hub::StreamKey;
+use io_uring::{opcode, types, IoUring};
+use std::os::fd::RawFd;
+
+/// Submission queue entries: streams per `io_uring_enter`.
+const RING_ENTRIES: u32 = 1024;
+/// iovecs gathered per submission (bounds the scratch memory: 64 Ki × 16 bytes).
+const MAX_IOVECS_PER_SUBMIT: usize = 64 * 1024;
+
+/// Which way `Hub::flush` sends (`--send`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SendChoice {
+    /// io_uring batches where the core runs the io_uring driver, else `sendmsg`.
+    Auto,
+    /// io_uring batches on every core (start-up fails where a ring cannot be built).
+    Uring,
+    /// One `sendmsg(2)` per stream.
+    Sendmsg,
+}
+
+struct Item {
+    sk: StreamKey,
+    fd: RawFd,
+    iov_start: usize,
+    iov_len: usize,
+    offered: usize,
+}
+
+/// One core's send ring and the scratch arrays of the batch being built.
+pub struct BatchSender {
+    ring: IoUring,
+    items: Vec<Item>,
+    iovecs: Vec<libc::iovec>,
+    msgs: Vec<libc::msghdr>,
+}
+
+impl BatchSender {
+    pub fn new() -> std::io::Result<BatchSender> {
+        Ok(BatchSender { ring: IoUring::new(RING_ENTRIES)?, items: Vec::new(), iovecs: Vec::new(), msgs: Vec::new() })
+    }
+
+    /// True when one more stream of `frames` frames does not fit: `submit` first.
+    pub fn is_full(&self, frames: usize) -> bool {
+        self.items.len() >= RING_ENTRIES as usize
+            || (!self.items.is_empty() && self.iovecs.len() + frames > MAX_IOVECS_PER_SUBMIT)
+    }
+
+    /// Adds one stream's send of `frames` (gathered, in order).
+    ///
+    /// The caller keeps every frame alive and unchanged until `submit` returns.
+    pub fn add<'a>(&mut self, sk: StreamKey, fd: RawFd, frames: impl Iterator<Item = &'a [u8]>) {
+        let iov_start = self.iovecs.len();
+        let mut offered = 0;
+        for f in frames {
+            self.iovecs.push(libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() });
+            offered += f.len();
+        }
+        self.items.push(Item { sk, fd, iov_start, iov_len: self.iovecs.len() - iov_start, offered });
+    }
+
+    /// Sends everything added, in one `io_uring_enter`, and reports each stream's outcome:
+    /// `done(stream, bytes offered, Ok(bytes sent) or Err(errno))`.
+    pub fn submit(&mut self, mut done: impl FnMut(StreamKey, usize, Result<usize, i32>)) {
+        if self.items.is_empty() {
+            return;
+        }
+        // The iovec array is complete, so pointers into it stay valid from here on.
+        self.msgs.clear();
+        for it in &self.items {
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = self.iovecs[it.iov_start..].as_mut_ptr();
+            msg.msg_iovlen = it.iov_len as _;
+            self.msgs.push(msg);
+        }
+        let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        {
+            let mut sq = self.ring.submission();
+            for (i, it) in self.items.iter().enumerate() {
+                let entry = opcode::SendMsg::new(types::Fd(it.fd), &self.msgs[i])
+                    .flags(flags as u32)
+                    .build()
+                    .user_data(i as u64);
+                // SAFETY: `msgs` and `iovecs` (and the frames they point at) are neither moved nor
+                // freed until every completion of this batch has been reaped below.
+                let pushed = unsafe { sq.push(&entry) };
+                debug_assert!(pushed.is_ok(), "is_full bounds a batch by the ring size");
+            }
+        }
+        let want = self.items.len();
+        let mut got = 0;
+        while got < want {
+            if let Err(e) = self.ring.submit_and_wait(want - got) {
+                if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
+                    // The ring is unusable; its sends are still in flight and point at our
+                    // arrays, so nothing may be freed: keep waiting is all that is safe.
+                    log::error!("io_uring send batch: {e}");
+                    std::thread::yield_now();
+                }
+            }
+            for cqe in self.ring.completion() {
+                let it = &self.items[cqe.user_data() as usize];
+                let res = cqe.result();
+                done(it.sk, it.offered, if res >= 0 { Ok(res as usize) } else { Err(-res) });
+                got += 1;
+            }
+        }
+        self.items.clear();
+        self.iovecs.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    fn key(key: usize) -> StreamKey {
+        StreamKey { key, id: key as u64 }
+    }
+
+    #[test]
+    fn gathers_frames_per_stream_and_reports_each() {
+        let Ok(mut s) = BatchSender::new() else {
+            eprintln!("SKIPPED: io_uring unavailable");
+            return;
+        };
+        let (a, mut a_peer) = UnixStream::pair().unwrap();
+        let (b, mut b_peer) = UnixStream::pair().unwrap();
+        let frames: [&[u8]; 3] = [b"one ", b"two ", b"three"];
+        s.add(key(1), a.as_raw_fd(), frames.iter().copied());
+        s.add(key(2), b.as_raw_fd(), frames[..1].iter().copied());
+        let mut got = Vec::new();
+        s.submit(|sk, offered, res| got.push((sk.key, offered, res)));
+        got.sort_by_key(|g| g.0);
+        assert_eq!(got, vec![(1, 13, Ok(13)), (2, 4, Ok(4))]);
+        let mut buf = [0u8; 32];
+        let n = a_peer.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"one two three");
+        let n = b_peer.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"one ");
+    }
+
+    #[test]
+    fn full_socket_answers_eagain_at_once_and_closed_peer_an_error() {
+        let Ok(mut s) = BatchSender::new() else {
+            eprintln!("SKIPPED: io_uring unavailable");
+            return;
+        };
+        let (a, _a_peer) = UnixStream::pair().unwrap();
+        let big = vec![b'x'; 64 * 1024];
+        // Nobody reads: the socket fills, and a send must then fail with EAGAIN instead of
+        // waiting for room (which would block the core inside submit forever).
+        let mut last = Ok(0);
+        for _ in 0..1000 {
+            s.add(key(1), a.as_raw_fd(), std::iter::once(big.as_slice()));
+            s.submit(|_, _, res| last = res);
+            if last == Err(libc::EAGAIN) {
+                break;
+            }
+        }
+        assert_eq!(last, Err(libc::EAGAIN));
+
+        let (b, b_peer) = UnixStream::pair().unwrap();
+        drop(b_peer);
+        s.add(key(2), b.as_raw_fd(), std::iter::once(&b"gone"[..]));
+        s.submit(|_, _, res| last = res);
+        assert_eq!(last, Err(libc::EPIPE));
+    }
+}
