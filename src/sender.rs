@@ -48,8 +48,17 @@ pub struct BatchSender {
 }
 
 impl BatchSender {
+    /// Builds the ring and checks that this kernel answers a send to a full socket with
+    /// `-EAGAIN` at once (a kernel that waited for room instead would stall the core).
     pub fn new() -> std::io::Result<BatchSender> {
-        Ok(BatchSender { ring: IoUring::new(RING_ENTRIES)?, items: Vec::new(), iovecs: Vec::new(), msgs: Vec::new() })
+        let mut ring = IoUring::new(RING_ENTRIES)?;
+        if !full_socket_fails_fast(&mut ring)? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this kernel's io_uring waits on a full socket despite MSG_DONTWAIT",
+            ));
+        }
+        Ok(BatchSender { ring, items: Vec::new(), iovecs: Vec::new(), msgs: Vec::new() })
     }
 
     /// True when one more stream of `frames` frames does not fit: `submit` first.
@@ -121,6 +130,37 @@ impl BatchSender {
         self.items.clear();
         self.iovecs.clear();
     }
+}
+
+/// Sends to a full socket pair through `ring` and reports whether the answer came at once.
+fn full_socket_fails_fast(ring: &mut IoUring) -> std::io::Result<bool> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let (mut a, b) = std::os::unix::net::UnixStream::pair()?;
+    a.set_nonblocking(true)?;
+    let chunk = [0u8; 16 * 1024];
+    while a.write(&chunk).is_ok() {}
+    let mut iov = libc::iovec { iov_base: chunk.as_ptr() as *mut libc::c_void, iov_len: chunk.len() };
+    // SAFETY: all-zero is a valid msghdr; it, `iov` and `chunk` outlive the completion below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    let flags = (libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) as u32;
+    let entry = opcode::SendMsg::new(types::Fd(a.as_raw_fd()), &msg).flags(flags).build();
+    // SAFETY: see above; the entry's completion is reaped before this function returns.
+    unsafe { ring.submission().push(&entry) }.map_err(|_| std::io::Error::other("io_uring queue full"))?;
+    ring.submit()?;
+    for _ in 0..200 {
+        if let Some(cqe) = ring.completion().next() {
+            return Ok(cqe.result() == -libc::EAGAIN);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(500));
+    }
+    // It is waiting for room: closing the peer ends it (EPIPE), then it can be reaped.
+    drop(b);
+    ring.submit_and_wait(1)?;
+    ring.completion().for_each(drop);
+    Ok(false)
 }
 
 #[cfg(test)]
