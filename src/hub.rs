@@ -22,6 +22,9 @@ use std::task::{Context, Poll, Waker};
 /// core-local refcount instead of one atomic shared (and bounced) between all cores.
 const LOCAL_COPY_MAX: usize = 16 * 1024;
 
+/// Queue slots a drained stream keeps (more are freed, see `Subscriber::trim`).
+const QUEUE_KEEP: usize = 32;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamState {
     Open,
@@ -207,6 +210,7 @@ impl Subscriber {
     /// (which waits for room); a drained closing stream is shut.
     /// Returns whether a backlog writer started.
     fn after_send(&mut self, hub: &Weak<RefCell<Hub>>, key: usize) -> bool {
+        self.trim();
         if !self.queue.is_empty() {
             if let (Some(wr), Some(hub)) = (self.wr.take(), hub.upgrade()) {
                 self.writing = true;
@@ -224,6 +228,14 @@ impl Subscriber {
         self.state = StreamState::Dead;
         self.queue.clear();
         kick(self.fd);
+    }
+
+    /// Gives back a drained queue's buffer once a burst made it large: a stream that caught up
+    /// holds a few slots again, not the high-water mark of every burst it ever saw.
+    fn trim(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > QUEUE_KEEP {
+            self.queue = VecDeque::new();
+        }
     }
 
     /// Drops `n` sent bytes from the front of the queue.
@@ -634,6 +646,7 @@ impl Hub {
             let Some((frame, _)) = sub.queue.pop_front() else { break };
             batch.push(frame);
         }
+        sub.trim();
         true
     }
 
@@ -758,6 +771,26 @@ mod tests {
         assert_eq!(stats.topics.load(Ordering::Relaxed), 2);
         h.unsubscribe(sk, &stats);
         assert_eq!((h.subs.len(), h.topics.len()), (0, 0));
+    }
+
+    #[test]
+    fn drained_queue_gives_back_a_burst_sized_buffer() {
+        let stats = CoreStats::default();
+        let mut h = hub(1 << 20, SlowPolicy::Disconnect);
+        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, true, Bytes::new(), &stats);
+        for seq in 0..500 {
+            h.publish(&event(seq, &["a"], "x"), &stats);
+        }
+        assert!(h.subs[sk.key].queue.capacity() >= 500);
+        let queued_bytes = h.subs[sk.key].pending_bytes;
+        let mut batch = FrameBatch::new();
+        let mut taken = 0;
+        while h.take_backlog(sk, &mut batch) {
+            taken += batch.total_len();
+            batch.clear();
+        }
+        assert_eq!(taken, queued_bytes);
+        assert!(h.subs[sk.key].queue.capacity() <= QUEUE_KEEP, "{}", h.subs[sk.key].queue.capacity());
     }
 
     #[test]
