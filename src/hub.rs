@@ -241,16 +241,18 @@ impl Subscriber {
     /// Drops `n` sent bytes from the front of the queue.
     fn consume(&mut self, mut n: usize) {
         self.pending_bytes = self.pending_bytes.saturating_sub(n);
-        while n > 0 {
-            let Some((front, tag)) = self.queue.front_mut() else { break };
-            if n >= front.len() {
+        // Whole frames first (empty ones too, so a queue of them cannot stall a send loop).
+        while let Some((front, tag)) = self.queue.front_mut() {
+            if front.len() <= n {
                 n -= front.len();
                 self.queue.pop_front();
             } else {
-                let _ = front.split_to(n);
-                // Half on the wire: it must be finished, never conflated away.
-                *tag = NO_TAG;
-                n = 0;
+                if n > 0 {
+                    let _ = front.split_to(n);
+                    // Half on the wire: it must be finished, never conflated away.
+                    *tag = NO_TAG;
+                }
+                break;
             }
         }
     }
@@ -558,7 +560,10 @@ impl Hub {
                 sender.submit(|sk, offered, res| sent(subs, me, dirty, (sends, backlogs), sk, offered, res));
             }
             let sub = subs.get_mut(sk.key).expect("looked up above");
-            sender.add(sk, sub.fd, sub.queue.iter().take(frames).map(|(f, _)| f.as_ref()));
+            // SAFETY: the frames are `Bytes` in this stream's queue; nothing touches the queue
+            // until the `submit` below (or the one above, on the next turn) returns, and `sent`
+            // only runs inside `submit`, after the kernel is done with the batch.
+            unsafe { sender.add(sk, sub.fd, sub.queue.iter().take(frames).map(|(f, _)| f.as_ref())) };
         }
         sender.submit(|sk, offered, res| sent(subs, me, dirty, (sends, backlogs), sk, offered, res));
     }
@@ -771,6 +776,33 @@ mod tests {
         assert_eq!(stats.topics.load(Ordering::Relaxed), 2);
         h.unsubscribe(sk, &stats);
         assert_eq!((h.subs.len(), h.topics.len()), (0, 0));
+    }
+
+    #[test]
+    fn empty_frames_never_stall_a_send() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        for batched in [false, true] {
+            let stats = CoreStats::default();
+            let mut h = hub(1 << 20, SlowPolicy::Disconnect);
+            if batched {
+                match BatchSender::new() {
+                    Ok(sender) => h.set_sender(sender),
+                    Err(_) => continue, // no io_uring here
+                }
+            }
+            let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+            // An empty opening frame, then an event: both must leave and the queue empty.
+            let sk = h.subscribe(&topics(&["a"]), a.as_raw_fd(), None, Wire::Raw, true, Bytes::new(), &stats);
+            h.flush();
+            h.publish(&event(1, &["a"], "x"), &stats);
+            h.flush();
+            assert!(h.subs[sk.key].queue.is_empty(), "batched={batched}");
+            let mut buf = [0u8; 64];
+            let n = peer.read(&mut buf).unwrap();
+            assert!(buf[..n].ends_with(b"data: x\n\n"), "batched={batched}: {:?}", &buf[..n]);
+            assert!(h.sends >= 1);
+        }
     }
 
     #[test]

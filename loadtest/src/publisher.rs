@@ -276,6 +276,9 @@ impl PubWorker {
             }
             if line.as_ref().is_some_and(|l| l.broken.load(Ordering::Relaxed)) {
                 self.finish_line(line.take());
+                if self.gave_up {
+                    break;
+                }
             }
             if line.is_none() {
                 match RateLine::open(self) {
@@ -443,7 +446,8 @@ impl RateLine {
     fn open(w: &PubWorker) -> io::Result<RateLine> {
         let mut conn = PubConn::open(&w.cfg.target, w.cfg.timeout)?;
         let writer = conn.writer.try_clone()?;
-        let (queue, answers) = std::sync::mpsc::sync_channel::<(usize, u64)>(w.cfg.max_in_flight);
+        // The reader holds one request while it waits for its answer; the channel the rest.
+        let (queue, answers) = std::sync::mpsc::sync_channel::<(usize, u64)>(w.cfg.max_in_flight - 1);
         let broken = Arc::new(AtomicBool::new(false));
         let (progress, first_error, topics) = (w.progress.clone(), w.first_error.clone(), w.cfg.paths.len());
         let (flag, timeout) = (broken.clone(), w.cfg.timeout);
