@@ -80,8 +80,9 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_BATCH_WINDOW", default_value = "0", value_parser = parse_duration)]
     pub batch_window: Duration,
 
-    /// Events per broker-to-core batch, frames one write to a stream may carry, and frames
-    /// pending on one stream that end its batch window early (1: no batching at all).
+    /// Events per broker-to-core batch, frames one write to a stream may carry, events a core
+    /// takes from its mailbox while a pass over its streams is under way, and frames pending on
+    /// one stream that end its batch window early (1: no batching at all).
     #[arg(long, env = "RINGCAST_BATCH_MAX", default_value_t = 256)]
     pub batch_max: usize,
 

@@ -287,16 +287,25 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
         monoio::spawn(batch_window_loop(worker.clone()));
     }
 
+    // Events taken from the mailbox since the streams were last all sent. While a pass over the
+    // dirty streams is under way, at most `--batch-max` of them are taken: later ones wait in
+    // the mailbox (a pointer each, shared by all cores) rather than on every stream's queue
+    // (40 bytes per stream each), so a burst costs memory per event, not per delivery; a full
+    // mailbox holds the broker back, and publishers then get 503 at its queue.
+    let pass_limit = worker.cfg.batch_max.max(1);
+    let mut pass_events = 0;
     'mailbox: loop {
         if worker.hub.borrow().flushed() {
+            pass_events = 0;
             mailbox.ready().await;
         }
         let mut budget = MAILBOX_BUDGET;
         let mut acked = false;
-        while budget > 0 {
+        while budget > 0 && pass_events < pass_limit {
             let Some(msg) = mailbox.try_recv() else { break };
             match msg {
                 CoreMsg::Events(events) => {
+                    pass_events += events.len();
                     let mut hub = worker.hub.borrow_mut();
                     for event in events.iter() {
                         hub.publish(event, worker.stats());
