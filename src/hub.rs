@@ -489,7 +489,7 @@ impl Hub {
         }
     }
 
-    /// The batch window ended: every held stream writes what it has.
+    /// The batch window ended: every held stream is marked for the next flush.
     pub fn release_held(&mut self) {
         for sk in std::mem::take(&mut self.held) {
             if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
@@ -497,7 +497,6 @@ impl Hub {
                 mark_dirty(&mut self.dirty, sub, sk.key);
             }
         }
-        self.flush();
     }
 
     /// Sends what dirty streams have queued, directly: one nonblocking `sendmsg` per stream
@@ -594,7 +593,8 @@ impl Hub {
         mark_dirty(&mut self.dirty, sub, sk.key);
     }
 
-    /// Queues the shared heartbeat comment on every open stream.
+    /// Queues the shared heartbeat comment on every open stream and marks them for the next
+    /// flush.
     pub fn heartbeat(&mut self, stats: &CoreStats) {
         let mut dropped = 0;
         for (key, sub) in self.subs.iter_mut() {
@@ -612,7 +612,6 @@ impl Hub {
         if dropped > 0 {
             stats.slow_disconnects.fetch_add(dropped, Ordering::Relaxed);
         }
-        self.flush();
     }
 
     /// Drain: every open stream gets `retry:` (from `retry`), the last chunk, and is closed.

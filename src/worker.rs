@@ -380,6 +380,7 @@ async fn batch_window_loop(worker: Rc<Worker>) {
         poll_fn(|cx| worker.hub.borrow_mut().poll_held(cx)).await;
         monoio::time::sleep(worker.cfg.batch_window).await;
         worker.hub.borrow_mut().release_held();
+        flush_in_slices(&worker).await;
     }
 }
 
@@ -393,5 +394,23 @@ async fn heartbeat_loop(worker: Rc<Worker>) {
             return;
         }
         worker.hub.borrow_mut().heartbeat(worker.stats());
+        flush_in_slices(&worker).await;
+    }
+}
+
+/// Sends what every dirty stream has, a slice at a time, letting the core's other tasks run
+/// between slices (as the mailbox loop does).
+async fn flush_in_slices(worker: &Rc<Worker>) {
+    loop {
+        let more = {
+            let mut hub = worker.hub.borrow_mut();
+            let more = hub.flush_some(FLUSH_SLICE);
+            hub.publish_io_counts(worker.stats());
+            more
+        };
+        if !more {
+            return;
+        }
+        yield_now().await;
     }
 }
