@@ -11,8 +11,10 @@ use std::sync::{mpsc, Arc};
 
 /// Broker inbox: publishes beyond this many in flight are answered 503.
 const BROKER_QUEUE: usize = 1 << 16;
-/// Core mailbox: the broker blocks (back-pressure) when a core falls this far behind.
-const CORE_QUEUE: usize = 1 << 16;
+/// Core mailbox, in broker batches (each up to --batch-max events): the broker blocks
+/// (back-pressure, then 503 at its inbox) when a core falls this far behind. A core takes only
+/// --batch-max events per pass over its streams, so a burst waits here: this bounds it.
+const CORE_QUEUE: usize = 1 << 12;
 /// File descriptors kept free for answering over-limit clients and for the process itself.
 const FD_RESERVE: usize = 256;
 
