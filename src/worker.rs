@@ -85,6 +85,14 @@ impl Worker {
         Ok(Ticket { worker: self.clone(), slot, done: false })
     }
 
+    /// Sends one slice (`FLUSH_SLICE` streams) of what is pending; true when more remains.
+    fn flush_slice(&self) -> bool {
+        let mut hub = self.hub.borrow_mut();
+        let more = hub.flush_some(FLUSH_SLICE);
+        hub.publish_io_counts(self.stats());
+        more
+    }
+
     /// Asks the broker for what a new (not yet live) stream missed. If the broker is saturated
     /// the stream goes live at once behind a gap notice, so the client knows to re-sync.
     pub fn request_replay(
@@ -325,12 +333,7 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
             // publish round trip does not pay for writing to every subscriber.
             yield_now().await;
         }
-        let more = {
-            let mut hub = worker.hub.borrow_mut();
-            let more = hub.flush_some(FLUSH_SLICE);
-            hub.publish_io_counts(worker.stats());
-            more
-        };
+        let more = worker.flush_slice();
         if more || budget == 0 {
             // A slice of a long fan-out is done: let requests, accepts and timers run, then
             // take what the mailbox got meanwhile before the next slice.
@@ -401,16 +404,7 @@ async fn heartbeat_loop(worker: Rc<Worker>) {
 /// Sends what every dirty stream has, a slice at a time, letting the core's other tasks run
 /// between slices (as the mailbox loop does).
 async fn flush_in_slices(worker: &Rc<Worker>) {
-    loop {
-        let more = {
-            let mut hub = worker.hub.borrow_mut();
-            let more = hub.flush_some(FLUSH_SLICE);
-            hub.publish_io_counts(worker.stats());
-            more
-        };
-        if !more {
-            return;
-        }
+    while worker.flush_slice() {
         yield_now().await;
     }
 }
