@@ -17,7 +17,7 @@
 // Exit 0 on success; otherwise exit 1 with a message saying what the browser saw.
 // The whole run is bounded by OVERALL_TIMEOUT_MS (30 s).
 
-import { launchPage } from './launch.mjs';
+import { answerId, checkRun, launchPage, postPublish } from './launch.mjs';
 
 const OVERALL_TIMEOUT_MS = 30_000;
 const STEP_TIMEOUT_MS = 10_000;
@@ -26,7 +26,6 @@ const MESSAGE_DATA = 'line one\nline two';
 const GREETING_DATA = 'hello';
 
 
-const log = (...a) => console.log('[eventsource.mjs]', ...a);
 
 // Everything we learn goes here, so that a failure or timeout can report it.
 const state = {
@@ -39,57 +38,13 @@ const state = {
   browserSaw: null,
 };
 
-let browser = null;
-let finished = false;
-
-async function finish(code, message) {
-  if (finished) return;
-  finished = true;
-  if (code === 0) {
-    log('PASS:', message);
-  } else {
-    console.error(`[eventsource.mjs] FAIL (at step "${state.step}"): ${message}`);
-    console.error('[eventsource.mjs] state:', JSON.stringify(state, null, 2));
-  }
-  if (browser) {
-    // Bounded close: never let a stuck browser keep us alive.
-    await Promise.race([browser.close().catch(() => {}), sleep(3000)]);
-  }
-  process.exit(code);
-}
-
-function sleep(ms) {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-function fail(message) {
-  return finish(1, message);
-}
+const run = checkRun('eventsource.mjs', state, { overallTimeoutMs: OVERALL_TIMEOUT_MS });
+const { log, fail } = run;
 
 async function publish(base, query, body) {
-  const url = `${base}/publish?${query}`;
-  const res = await fetch(url, {
-    method: 'POST',
-    headers: { 'Content-Type': 'text/plain; charset=utf-8' },
-    body,
-    signal: AbortSignal.timeout(STEP_TIMEOUT_MS),
-  });
-  const text = await res.text();
-  const rec = { status: res.status, contentType: res.headers.get('content-type'), body: text };
-  state.published[query] = rec;
-  if (res.status !== 200) {
-    throw new Error(`POST ${url} answered ${res.status}: ${text}`);
-  }
-  let id;
-  try {
-    id = JSON.parse(text).id;
-  } catch (e) {
-    throw new Error(`POST ${url} answered non-JSON body ${JSON.stringify(text)}`);
-  }
-  if (typeof id !== 'string' || !/^\d+-\d+$/.test(id)) {
-    throw new Error(`POST ${url} answered id ${JSON.stringify(id)}, expected "<ms>-<seq>"`);
-  }
-  return id;
+  const answer = await postPublish(base, query, body, STEP_TIMEOUT_MS);
+  state.published[query] = answer;
+  return answerId(base, query, answer);
 }
 
 // "<ms>-<seq>" compared as a pair of numbers.
@@ -110,7 +65,7 @@ async function main() {
 
   let page;
   try {
-    ({ browser, page } = await launchPage(base, state, STEP_TIMEOUT_MS));
+    ({ browser: run.browser, page } = await launchPage(base, state, STEP_TIMEOUT_MS));
   } catch (e) {
     return fail(e.message);
   }
@@ -241,17 +196,10 @@ async function main() {
   }
   if (problems.length) return fail(problems.join('; '));
 
-  return finish(
+  return run.finish(
     0,
     `message ${JSON.stringify(m.data)} id ${m.lastEventId}; greeting ${JSON.stringify(g.data)} id ${g.lastEventId}`,
   );
 }
 
-const overall = setTimeout(() => {
-  fail(`overall timeout of ${OVERALL_TIMEOUT_MS / 1000} s`);
-}, OVERALL_TIMEOUT_MS);
-// Never exit 0 by running out of work without having passed.
-process.on('beforeExit', () => fail('event loop drained before the check finished'));
-void overall;
-
-main().catch((e) => fail(e && e.stack ? e.stack : String(e)));
+run.start(main);

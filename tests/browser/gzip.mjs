@@ -18,7 +18,7 @@
 //
 // Exit 0 on success; otherwise exit 1 with what the browser saw. Bounded by OVERALL_TIMEOUT_MS.
 
-import { launchPage } from './launch.mjs';
+import { answerId, checkRun, launchPage, postPublish, sleep } from './launch.mjs';
 import http from 'node:http';
 
 const OVERALL_TIMEOUT_MS = 30_000;
@@ -46,7 +46,6 @@ const EVENTS = [
   { name: 'small one-line', data: 'caf\u00e9 \u{1f600} done' },
 ];
 
-const log = (...a) => console.log('[gzip.mjs]', ...a);
 
 const state = {
   base: null,
@@ -61,51 +60,20 @@ const state = {
   browserSaw: null,
 };
 
-let browser = null;
-let finished = false;
-
-function sleep(ms) {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
 // Long data is cut in the failure report.
 function brief(s) {
   return typeof s === 'string' && s.length > 300 ? `${s.slice(0, 300)}...(${s.length} chars)` : s;
 }
 
-async function finish(code, message) {
-  if (finished) return;
-  finished = true;
-  if (code === 0) {
-    log('PASS:', message);
-  } else {
-    console.error(`[gzip.mjs] FAIL (at step "${state.step}"): ${message}`);
-    console.error('[gzip.mjs] state:', JSON.stringify(state, (k, v) => (k === 'data' ? brief(v) : v), 2));
-  }
-  if (browser) {
-    await Promise.race([browser.close().catch(() => {}), sleep(3000)]);
-  }
-  process.exit(code);
-}
-
-function fail(message) {
-  return finish(1, message);
-}
+const run = checkRun('gzip.mjs', state, {
+  overallTimeoutMs: OVERALL_TIMEOUT_MS,
+  replacer: (k, v) => (k === 'data' ? brief(v) : v),
+});
+const { log, fail } = run;
 
 async function publish(base, data) {
-  const url = `${base}/publish?topic=${TOPIC}`;
-  const res = await fetch(url, {
-    method: 'POST',
-    headers: { 'Content-Type': 'text/plain; charset=utf-8' },
-    body: data,
-    signal: AbortSignal.timeout(STEP_TIMEOUT_MS),
-  });
-  const text = await res.text();
-  if (res.status !== 200) throw new Error(`POST ${url} answered ${res.status}: ${text}`);
-  const id = JSON.parse(text).id;
-  if (typeof id !== 'string' || !/^\d+-\d+$/.test(id)) {
-    throw new Error(`POST ${url} answered id ${JSON.stringify(id)}, expected "<ms>-<seq>"`);
-  }
+  const query = `topic=${TOPIC}`;
+  const id = answerId(base, query, await postPublish(base, query, data, STEP_TIMEOUT_MS));
   state.published.push({ id, bytes: Buffer.byteLength(data) });
   return id;
 }
@@ -135,7 +103,7 @@ async function main() {
 
   let page;
   try {
-    ({ browser, page } = await launchPage(base, state, STEP_TIMEOUT_MS));
+    ({ browser: run.browser, page } = await launchPage(base, state, STEP_TIMEOUT_MS));
   } catch (e) {
     return fail(e.message);
   }
@@ -270,7 +238,7 @@ async function main() {
   if (state.browserSaw.opens !== 1) problems.push(`EventSource opened ${state.browserSaw.opens} times`);
   if (problems.length) return fail(problems.join('; '));
 
-  return finish(
+  return run.finish(
     0,
     `${EVENTS.length} events intact (${EVENTS.map((e) => e.data.length).join('/')} chars) over gzip; ` +
       `Chromium sent Accept-Encoding ${JSON.stringify(acceptEncoding)} and got Content-Encoding ` +
@@ -278,9 +246,4 @@ async function main() {
   );
 }
 
-setTimeout(() => {
-  fail(`overall timeout of ${OVERALL_TIMEOUT_MS / 1000} s`);
-}, OVERALL_TIMEOUT_MS);
-process.on('beforeExit', () => fail('event loop drained before the check finished'));
-
-main().catch((e) => fail(e && e.stack ? e.stack : String(e)));
+run.start(main);

@@ -1,5 +1,6 @@
 // Shared by the browser test scripts: start Debian's Chromium through playwright-core the way
-// this closed network needs, and open a page that records its console output and errors.
+// this closed network needs, open a page that records its console output and errors, run a
+// check with one bounded exit path, and publish to ringcast.
 
 import { chromium } from 'playwright-core';
 import { existsSync } from 'node:fs';
@@ -42,4 +43,71 @@ export async function launchPage(base, state, stepTimeoutMs) {
   await page.route('**/favicon.ico', (route) => route.fulfill({ status: 204, body: '' }));
   page.setDefaultTimeout(stepTimeoutMs);
   return { browser, page };
+}
+
+export function sleep(ms) {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+// One check run. `run.finish(code, message)` reports (with `state` on failure, written through
+// `replacer`), closes `run.browser` within 3 s, and exits; only the first call counts.
+// `run.start(main)` bounds the whole run by `overallTimeoutMs` and fails on a thrown error, and,
+// with `exitGuard`, when the event loop drains before the check finished (never exit 0 by
+// running out of work).
+export function checkRun(name, state, { overallTimeoutMs, replacer = null, exitGuard = true }) {
+  let finished = false;
+  const run = {
+    browser: null,
+    log: (...a) => console.log(`[${name}]`, ...a),
+    async finish(code, message) {
+      if (finished) return;
+      finished = true;
+      if (code === 0) {
+        run.log('PASS:', message);
+      } else {
+        console.error(`[${name}] FAIL (at step "${state.step}"): ${message}`);
+        console.error(`[${name}] state:`, JSON.stringify(state, replacer, 2));
+      }
+      if (run.browser) {
+        // Bounded close: never let a stuck browser keep us alive.
+        await Promise.race([run.browser.close().catch(() => {}), sleep(3000)]);
+      }
+      process.exit(code);
+    },
+    fail: (message) => run.finish(1, message),
+    start(main) {
+      setTimeout(() => run.fail(`overall timeout of ${overallTimeoutMs / 1000} s`), overallTimeoutMs);
+      if (exitGuard) process.on('beforeExit', () => run.fail('event loop drained before the check finished'));
+      main().catch((e) => run.fail(e && e.stack ? e.stack : String(e)));
+    },
+  };
+  return run;
+}
+
+// POST `body` as text/plain to `${base}/publish?${query}`; resolves with the answer
+// ({ status, contentType, body }) whatever its status.
+export async function postPublish(base, query, body, timeoutMs) {
+  const res = await fetch(`${base}/publish?${query}`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'text/plain; charset=utf-8' },
+    body,
+    signal: AbortSignal.timeout(timeoutMs),
+  });
+  return { status: res.status, contentType: res.headers.get('content-type'), body: await res.text() };
+}
+
+// The event id of a publish answer; throws unless it is 200 with `{"id":"<ms>-<seq>"}`.
+export function answerId(base, query, answer) {
+  const what = `POST ${base}/publish?${query}`;
+  if (answer.status !== 200) throw new Error(`${what} answered ${answer.status}: ${answer.body}`);
+  let id;
+  try {
+    id = JSON.parse(answer.body).id;
+  } catch (e) {
+    throw new Error(`${what} answered non-JSON body ${JSON.stringify(answer.body)}`);
+  }
+  if (typeof id !== 'string' || !/^\d+-\d+$/.test(id)) {
+    throw new Error(`${what} answered id ${JSON.stringify(id)}, expected "<ms>-<seq>"`);
+  }
+  return id;
 }

@@ -25,7 +25,7 @@
 //
 // Exit 0 on success; otherwise exit 1 with what the browser saw. Bounded by OVERALL_TIMEOUT_MS.
 
-import { launchPage } from './launch.mjs';
+import { answerId, checkRun, launchPage, postPublish } from './launch.mjs';
 import { createInterface } from 'node:readline';
 
 const OVERALL_TIMEOUT_MS = 45_000;
@@ -33,7 +33,6 @@ const STEP_TIMEOUT_MS = 15_000;
 const TOPIC = 'resume';
 
 
-const log = (...a) => console.log('[resume.mjs]', ...a);
 
 const state = {
   relay: null,
@@ -45,31 +44,9 @@ const state = {
   browserSaw: null,
 };
 
-let browser = null;
-let finished = false;
-
-function sleep(ms) {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function finish(code, message) {
-  if (finished) return;
-  finished = true;
-  if (code === 0) {
-    log('PASS:', message);
-  } else {
-    console.error(`[resume.mjs] FAIL (at step "${state.step}"): ${message}`);
-    console.error('[resume.mjs] state:', JSON.stringify(state, null, 2));
-  }
-  if (browser) {
-    await Promise.race([browser.close().catch(() => {}), sleep(3000)]);
-  }
-  process.exit(code);
-}
-
-function fail(message) {
-  return finish(1, message);
-}
+// Stdin stays open for the driver's answers, so the event loop never drains by itself.
+const run = checkRun('resume.mjs', state, { overallTimeoutMs: OVERALL_TIMEOUT_MS, exitGuard: false });
+const { log, fail } = run;
 
 // Lines from the Rust driver on stdin, awaited one at a time.
 const stdinLines = [];
@@ -98,19 +75,8 @@ async function ask(command, answer) {
 }
 
 async function publish(server, data) {
-  const url = `${server}/publish?topic=${TOPIC}`;
-  const res = await fetch(url, {
-    method: 'POST',
-    headers: { 'Content-Type': 'text/plain; charset=utf-8' },
-    body: data,
-    signal: AbortSignal.timeout(STEP_TIMEOUT_MS),
-  });
-  const text = await res.text();
-  if (res.status !== 200) throw new Error(`POST ${url} answered ${res.status}: ${text}`);
-  const id = JSON.parse(text).id;
-  if (typeof id !== 'string' || !/^\d+-\d+$/.test(id)) {
-    throw new Error(`POST ${url} answered id ${JSON.stringify(id)}, expected "<ms>-<seq>"`);
-  }
+  const query = `topic=${TOPIC}`;
+  const id = answerId(server, query, await postPublish(server, query, data, STEP_TIMEOUT_MS));
   state.published.push({ data, id });
   return id;
 }
@@ -148,7 +114,7 @@ async function main() {
 
   let page;
   try {
-    ({ browser, page } = await launchPage(relay, state, STEP_TIMEOUT_MS));
+    ({ browser: run.browser, page } = await launchPage(relay, state, STEP_TIMEOUT_MS));
   } catch (e) {
     return fail(e.message);
   }
@@ -219,12 +185,7 @@ async function main() {
   if (problems.length) return fail(problems.join('; '));
 
   console.log(`@@DONE ${ids.join(' ')}`);
-  return finish(0, `events 1..7 once each in order across a reconnect; ids ${ids.join(' ')}`);
+  return run.finish(0, `events 1..7 once each in order across a reconnect; ids ${ids.join(' ')}`);
 }
 
-const overall = setTimeout(() => {
-  fail(`overall timeout of ${OVERALL_TIMEOUT_MS / 1000} s`);
-}, OVERALL_TIMEOUT_MS);
-void overall;
-
-main().catch((e) => fail(e && e.stack ? e.stack : String(e)));
+run.start(main);
