@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::collections::HashMap;
+use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -342,33 +342,48 @@ fn python_client(server: &Server, n: usize) -> Proc {
     Proc::spawn(cmd)
 }
 
+/// One JSON line of the client's output.
+fn client_line(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("client line is not JSON ({e}): {line:?}"))
+}
+
+/// A string member of a client line.
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_else(|| panic!("{key:?} is not a string in {v}"))
+}
+
+/// A number member of a client line.
+fn number(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or_else(|| panic!("{key:?} is not a number in {v}"))
+}
+
 /// Reads the client's `head` and `open` lines and checks them.
 fn python_opened(py: &mut Proc) {
-    let head = json::parse(&py.line("head line"));
-    assert_eq!(head.get("type").str(), "head", "{head:?}");
-    assert_eq!(head.get("status").num(), 200.0, "{head:?}");
-    let headers = head.get("headers");
-    assert_eq!(headers.get("content-encoding").str(), "gzip", "{head:?}");
-    assert!(headers.get("vary").str().to_ascii_lowercase().contains("accept-encoding"), "{head:?}");
-    let open = json::parse(&py.line("open line"));
-    assert_eq!(open.get("type").str(), "open", "{open:?}");
-    assert_eq!(open.get("text").str(), OPENING, "decoded opening chunk");
+    let head = client_line(&py.line("head line"));
+    assert_eq!(text(&head, "type"), "head", "{head}");
+    assert_eq!(number(&head, "status"), 200.0, "{head}");
+    let headers = &head["headers"];
+    assert_eq!(text(headers, "content-encoding"), "gzip", "{head}");
+    assert!(text(headers, "vary").to_ascii_lowercase().contains("accept-encoding"), "{head}");
+    let open = client_line(&py.line("open line"));
+    assert_eq!(text(&open, "type"), "open", "{open}");
+    assert_eq!(text(&open, "text"), OPENING, "decoded opening chunk");
 }
 
 /// The next `event` line: (id, data, chunk index).
 fn python_event(py: &mut Proc, what: &str) -> (String, String, usize) {
     let line = py.line(what);
-    let ev = json::parse(&line);
-    assert_eq!(ev.get("type").str(), "event", "{what}: {}", show(line.as_bytes()));
-    assert!(matches!(ev.get("event"), json::Value::Null), "{what}: unexpected event name in {}", show(line.as_bytes()));
-    (ev.get("id").str().to_string(), ev.get("data").str().to_string(), ev.get("chunk").num() as usize)
+    let ev = client_line(&line);
+    assert_eq!(text(&ev, "type"), "event", "{what}: {}", show(line.as_bytes()));
+    assert!(ev["event"].is_null(), "{what}: unexpected event name in {}", show(line.as_bytes()));
+    (text(&ev, "id").to_string(), text(&ev, "data").to_string(), number(&ev, "chunk") as usize)
 }
 
 /// Reads the `done` line and asserts exit 0.
 fn python_done(py: &mut Proc, events: usize) {
-    let done = json::parse(&py.line("done line"));
-    assert_eq!(done.get("type").str(), "done", "{done:?}");
-    assert_eq!(done.get("events").num() as usize, events, "{done:?}");
+    let done = client_line(&py.line("done line"));
+    assert_eq!(text(&done, "type"), "done", "{done}");
+    assert_eq!(number(&done, "events") as usize, events, "{done}");
     let status = py.wait(IO_TIMEOUT);
     assert!(matches!(status, Some(s) if s.success()), "{}: exit {status:?}; stderr:\n{}", py.what, py.stderr());
 }
@@ -499,207 +514,5 @@ fn two_gzip_subscribers_and_a_plain_one_get_the_same_events() {
             assert!(&got_data == data, "{name}, event {i}: {}", first_difference(&got_data, data));
         }
         python_done(py, EVENTS);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Minimal JSON reader for the client's output lines
-// ---------------------------------------------------------------------------------------------
-
-mod json {
-    use super::HashMap;
-
-    #[derive(Debug, Clone, PartialEq)]
-    pub enum Value {
-        Null,
-        Bool(bool),
-        Num(f64),
-        Str(String),
-        Arr(Vec<Value>),
-        Obj(HashMap<String, Value>),
-    }
-
-    static NULL: Value = Value::Null;
-
-    impl Value {
-        /// A member of an object (`Null` when absent).
-        pub fn get(&self, key: &str) -> &Value {
-            match self {
-                Value::Obj(m) => m.get(key).unwrap_or(&NULL),
-                other => panic!("not an object: {other:?}"),
-            }
-        }
-
-        pub fn str(&self) -> &str {
-            match self {
-                Value::Str(s) => s,
-                other => panic!("not a string: {other:?}"),
-            }
-        }
-
-        pub fn num(&self) -> f64 {
-            match self {
-                Value::Num(n) => *n,
-                other => panic!("not a number: {other:?}"),
-            }
-        }
-    }
-
-    pub fn parse(text: &str) -> Value {
-        let mut p = Parser { s: text.as_bytes(), i: 0 };
-        let v = p.value();
-        p.ws();
-        assert_eq!(p.i, p.s.len(), "trailing bytes in JSON line {text:?}");
-        v
-    }
-
-    struct Parser<'a> {
-        s: &'a [u8],
-        i: usize,
-    }
-
-    impl Parser<'_> {
-        fn ws(&mut self) {
-            while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-                self.i += 1;
-            }
-        }
-
-        fn peek(&self) -> u8 {
-            *self.s.get(self.i).unwrap_or_else(|| panic!("JSON ends early: {:?}", String::from_utf8_lossy(self.s)))
-        }
-
-        fn eat(&mut self, lit: &str) {
-            assert!(self.s[self.i..].starts_with(lit.as_bytes()), "JSON: expected {lit:?} at byte {}", self.i);
-            self.i += lit.len();
-        }
-
-        fn value(&mut self) -> Value {
-            self.ws();
-            match self.peek() {
-                b'{' => {
-                    self.i += 1;
-                    let mut m = HashMap::new();
-                    self.ws();
-                    if self.peek() == b'}' {
-                        self.i += 1;
-                        return Value::Obj(m);
-                    }
-                    loop {
-                        self.ws();
-                        let k = self.string();
-                        self.ws();
-                        self.eat(":");
-                        let v = self.value();
-                        m.insert(k, v);
-                        self.ws();
-                        if self.peek() == b',' {
-                            self.i += 1;
-                        } else {
-                            self.eat("}");
-                            return Value::Obj(m);
-                        }
-                    }
-                }
-                b'[' => {
-                    self.i += 1;
-                    let mut a = Vec::new();
-                    self.ws();
-                    if self.peek() == b']' {
-                        self.i += 1;
-                        return Value::Arr(a);
-                    }
-                    loop {
-                        a.push(self.value());
-                        self.ws();
-                        if self.peek() == b',' {
-                            self.i += 1;
-                        } else {
-                            self.eat("]");
-                            return Value::Arr(a);
-                        }
-                    }
-                }
-                b'"' => Value::Str(self.string()),
-                b'n' => {
-                    self.eat("null");
-                    Value::Null
-                }
-                b't' => {
-                    self.eat("true");
-                    Value::Bool(true)
-                }
-                b'f' => {
-                    self.eat("false");
-                    Value::Bool(false)
-                }
-                _ => {
-                    let start = self.i;
-                    while self.i < self.s.len() && b"+-0123456789.eE".contains(&self.s[self.i]) {
-                        self.i += 1;
-                    }
-                    let t = std::str::from_utf8(&self.s[start..self.i]).unwrap();
-                    Value::Num(t.parse().unwrap_or_else(|_| panic!("JSON: bad number {t:?}")))
-                }
-            }
-        }
-
-        fn hex4(&mut self) -> u32 {
-            let t = std::str::from_utf8(&self.s[self.i..self.i + 4]).unwrap();
-            self.i += 4;
-            u32::from_str_radix(t, 16).unwrap_or_else(|_| panic!("JSON: bad \\u escape {t:?}"))
-        }
-
-        fn string(&mut self) -> String {
-            self.eat("\"");
-            let mut out = String::new();
-            loop {
-                let start = self.i;
-                while !matches!(self.peek(), b'"' | b'\\') {
-                    self.i += 1;
-                }
-                out.push_str(std::str::from_utf8(&self.s[start..self.i]).expect("UTF-8 JSON"));
-                if self.peek() == b'"' {
-                    self.i += 1;
-                    return out;
-                }
-                self.i += 1;
-                let esc = self.peek();
-                self.i += 1;
-                match esc {
-                    b'"' => out.push('"'),
-                    b'\\' => out.push('\\'),
-                    b'/' => out.push('/'),
-                    b'b' => out.push('\u{8}'),
-                    b'f' => out.push('\u{c}'),
-                    b'n' => out.push('\n'),
-                    b'r' => out.push('\r'),
-                    b't' => out.push('\t'),
-                    b'u' => {
-                        let mut c = self.hex4();
-                        if (0xd800..0xdc00).contains(&c) {
-                            self.eat("\\u");
-                            let lo = self.hex4();
-                            c = 0x10000 + ((c - 0xd800) << 10) + (lo - 0xdc00);
-                        }
-                        out.push(char::from_u32(c).unwrap_or_else(|| panic!("JSON: bad code point {c:x}")));
-                    }
-                    other => panic!("JSON: bad escape \\{}", other as char),
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn parses_client_lines() {
-        let v =
-            parse(r#"{"type": "event", "id": "1-2", "event": null, "data": "a\nb \u00e9\ud83d\ude00\"", "chunk": 3}"#);
-        assert_eq!(v.get("data").str(), "a\nb \u{e9}\u{1f600}\"");
-        assert_eq!(v.get("chunk").num(), 3.0);
-        assert_eq!(v.get("event"), &Value::Null);
-        assert_eq!(
-            parse("[1, true, false, {}]"),
-            Value::Arr(vec![Value::Num(1.0), Value::Bool(true), Value::Bool(false), Value::Obj(HashMap::new())])
-        );
     }
 }

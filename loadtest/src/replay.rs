@@ -151,14 +151,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<ReplayReport, String> {
         processes,
         threads,
         last_event_id: anchor_id,
-        publish: PublishReport {
-            published: published.published(),
-            errors: published.errors,
-            first_error: published.first_error.clone(),
-            seconds: pub_seconds,
-            rate: published.published() as f64 / pub_seconds.max(1e-9),
-            rtt: Summary::of(&published.rtt),
-        },
+        publish: PublishReport::of(&published, pub_seconds),
         connect: ConnectReport {
             connected: c.connected,
             open_at_publish: None,

@@ -61,6 +61,20 @@ pub struct PublishReport {
     pub rtt: Summary,
 }
 
+impl PublishReport {
+    /// What the publishers did over `seconds` of publishing.
+    pub fn of(published: &crate::publisher::PubResult, seconds: f64) -> PublishReport {
+        PublishReport {
+            published: published.published(),
+            errors: published.errors,
+            first_error: published.first_error.clone(),
+            seconds,
+            rate: published.published() as f64 / seconds.max(1e-9),
+            rtt: Summary::of(&published.rtt),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryReport {
     /// Sum over connected subscribers of the events published on their topic.

@@ -314,14 +314,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
             seconds: connect_seconds,
             time: Summary::of(&connect_hist),
         },
-        publish: PublishReport {
-            published: published.published(),
-            errors: published.errors,
-            first_error: published.first_error.clone(),
-            seconds: pub_seconds,
-            rate: published.published() as f64 / pub_seconds.max(1e-9),
-            rtt: Summary::of(&published.rtt),
-        },
+        publish: PublishReport::of(&published, pub_seconds),
         delivery: DeliveryReport {
             expected,
             delivered,
