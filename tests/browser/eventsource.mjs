@@ -17,7 +17,7 @@
 // Exit 0 on success; otherwise exit 1 with a message saying what the browser saw.
 // The whole run is bounded by OVERALL_TIMEOUT_MS (30 s).
 
-import { answerId, checkRun, launchPage, postPublish } from './launch.mjs';
+import { answerId, baseArgs, checkRun, postPublish } from './launch.mjs';
 
 const OVERALL_TIMEOUT_MS = 30_000;
 const STEP_TIMEOUT_MS = 10_000;
@@ -55,20 +55,11 @@ function idLess(a, b) {
 }
 
 async function main() {
-  const rawBase = process.argv[2];
-  if (!rawBase || !/^https?:\/\//.test(rawBase)) {
-    console.error('usage: node tests/browser/eventsource.mjs http://127.0.0.1:PORT');
-    process.exit(2);
-  }
-  const base = rawBase.replace(/\/+$/, '');
+  const [base] = baseArgs(1, 'node tests/browser/eventsource.mjs http://127.0.0.1:PORT');
   state.base = base;
 
-  let page;
-  try {
-    ({ browser: run.browser, page } = await launchPage(base, state, STEP_TIMEOUT_MS));
-  } catch (e) {
-    return fail(e.message);
-  }
+  const page = await run.openPage(base, STEP_TIMEOUT_MS);
+  if (!page) return;
   page.on('response', (r) => {
     if (r.status() >= 400) state.pageHttpErrors.push(`${r.status()} ${r.request().method()} ${r.url()}`);
   });

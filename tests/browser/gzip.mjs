@@ -18,7 +18,7 @@
 //
 // Exit 0 on success; otherwise exit 1 with what the browser saw. Bounded by OVERALL_TIMEOUT_MS.
 
-import { answerId, checkRun, launchPage, postPublish, sleep } from './launch.mjs';
+import { answerId, baseArgs, checkRun, postPublish, sleep } from './launch.mjs';
 import http from 'node:http';
 
 const OVERALL_TIMEOUT_MS = 30_000;
@@ -93,20 +93,11 @@ function rawStreamHead(base, headers) {
 }
 
 async function main() {
-  const rawBase = process.argv[2];
-  if (!rawBase || !/^https?:\/\//.test(rawBase)) {
-    console.error('usage: node tests/browser/gzip.mjs http://127.0.0.1:PORT');
-    process.exit(2);
-  }
-  const base = rawBase.replace(/\/+$/, '');
+  const [base] = baseArgs(1, 'node tests/browser/gzip.mjs http://127.0.0.1:PORT');
   state.base = base;
 
-  let page;
-  try {
-    ({ browser: run.browser, page } = await launchPage(base, state, STEP_TIMEOUT_MS));
-  } catch (e) {
-    return fail(e.message);
-  }
+  const page = await run.openPage(base, STEP_TIMEOUT_MS);
+  if (!page) return;
   const isEvents = (url) => new URL(url).pathname === '/events';
   // Resolves with the page's /events response once playwright reports its head.
   let onEventsResponse;

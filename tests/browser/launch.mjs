@@ -22,7 +22,7 @@ export const CHROMIUM_FLAGS = [
 // Launches Chromium allowed to reach `base`'s port and opens one page whose console lines and
 // errors land in `state.pageConsole` / `state.pageErrors`. Throws with a clear message when
 // Chromium is missing. Returns { browser, page }.
-export async function launchPage(base, state, stepTimeoutMs) {
+async function launchPage(base, state, stepTimeoutMs) {
   const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
   if (!existsSync(executablePath)) {
     throw new Error(`${executablePath} not found: run scripts/test.sh (it installs Debian's chromium)`);
@@ -75,6 +75,18 @@ export function checkRun(name, state, { overallTimeoutMs, replacer = null, exitG
       process.exit(code);
     },
     fail: (message) => run.finish(1, message),
+    // `launchPage` for this run: the browser is closed by `finish`. Null (and the run failed)
+    // when Chromium cannot start.
+    async openPage(base, stepTimeoutMs) {
+      try {
+        const { browser, page } = await launchPage(base, state, stepTimeoutMs);
+        run.browser = browser;
+        return page;
+      } catch (e) {
+        await run.fail(e.message);
+        return null;
+      }
+    },
     start(main) {
       setTimeout(() => run.fail(`overall timeout of ${overallTimeoutMs / 1000} s`), overallTimeoutMs);
       if (exitGuard) process.on('beforeExit', () => run.fail('event loop drained before the check finished'));
@@ -110,4 +122,15 @@ export function answerId(base, query, answer) {
     throw new Error(`${what} answered id ${JSON.stringify(id)}, expected "<ms>-<seq>"`);
   }
   return id;
+}
+
+// The script's http(s) base URL arguments, trailing slashes removed; exits 2 with `usage` when
+// there are fewer than `count` or one is not an http(s) URL.
+export function baseArgs(count, usage) {
+  const args = process.argv.slice(2, 2 + count);
+  if (args.length < count || !args.every((a) => /^https?:\/\//.test(a))) {
+    console.error(`usage: ${usage}`);
+    process.exit(2);
+  }
+  return args.map((a) => a.replace(/\/+$/, ''));
 }

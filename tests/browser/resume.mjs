@@ -25,7 +25,7 @@
 //
 // Exit 0 on success; otherwise exit 1 with what the browser saw. Bounded by OVERALL_TIMEOUT_MS.
 
-import { answerId, checkRun, launchPage, postPublish } from './launch.mjs';
+import { answerId, baseArgs, checkRun, postPublish } from './launch.mjs';
 import { createInterface } from 'node:readline';
 
 const OVERALL_TIMEOUT_MS = 45_000;
@@ -102,22 +102,15 @@ async function waitInPage(page, condSource, timeoutMs) {
 }
 
 async function main() {
-  const [relayArg, serverArg] = process.argv.slice(2);
-  if (!relayArg || !serverArg || !/^https?:\/\//.test(relayArg) || !/^https?:\/\//.test(serverArg)) {
-    console.error('usage: node tests/browser/resume.mjs http://127.0.0.1:RELAY_PORT http://127.0.0.1:SERVER_PORT');
-    process.exit(2);
-  }
-  const relay = relayArg.replace(/\/+$/, '');
-  const server = serverArg.replace(/\/+$/, '');
+  const [relay, server] = baseArgs(
+    2,
+    'node tests/browser/resume.mjs http://127.0.0.1:RELAY_PORT http://127.0.0.1:SERVER_PORT',
+  );
   state.relay = relay;
   state.server = server;
 
-  let page;
-  try {
-    ({ browser: run.browser, page } = await launchPage(relay, state, STEP_TIMEOUT_MS));
-  } catch (e) {
-    return fail(e.message);
-  }
+  const page = await run.openPage(relay, STEP_TIMEOUT_MS);
+  if (!page) return;
 
   state.step = `load ${relay}/health`;
   const resp = await page.goto(`${relay}/health`, { timeout: STEP_TIMEOUT_MS });
