@@ -18,7 +18,7 @@ fn fanout(c: &mut Criterion) {
         let topics: Vec<Box<str>> = vec!["prices".into()];
         for _ in 0..subscribers {
             // fd -1: nothing is ever sent (the bench never flushes).
-            hub.subscribe(&topics, -1, None, Wire::Chunked, true, Bytes::new(), &stats);
+            hub.subscribe(&topics, -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
         }
         hub.discard_queued();
         let id = EventId { ms: 1_796_230_263_034, seq: 1 };

@@ -1,17 +1,21 @@
-//! The broker thread: assigns event ids, encodes each frame once, hands it to every core.
+//! The broker: event ids, history, each frame encoded once, and its hand-off to every core.
+//!
+//! Shared state behind one short lock, run on the thread of the core that parsed the publish:
+//! a publish is numbered, retained and queued for every core in one step, and answered at once.
+//! Why not a broker thread (as before): each publish crossed threads twice (core -> broker ->
+//! cores, about 27 us per cross-CPU wake-up on the 2-vCPU VM), and a waiting publisher's answer
+//! came back through the core's mailbox, behind its fan-out work, so with publishers that wait
+//! for each answer no second event arrived during a fan-out pass and every event went out alone
+//! (docs/BENCHMARKS.md §7). Ids reach every core in order because they are handed out and queued
+//! under the same lock. The `ringcast-broker` thread now only runs chores (history TTL).
 
 use crate::history::{Gap, History, Replay, ReplayFrom};
-use crate::hub::StreamKey;
 use crate::mailbox::MailboxSender;
 use crate::metrics::Shared;
 use crate::sse::{encode_event, encode_notice, EventId, Frame};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// How often retained events are checked against --history-ttl.
-const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A validated publish, built by the core that parsed the request.
 #[derive(Debug)]
@@ -19,26 +23,6 @@ pub struct Publish {
     pub topics: Vec<Box<str>>,
     pub event: Option<Box<str>>,
     pub data: String,
-}
-
-pub enum BrokerMsg {
-    /// `ticket` is the publishing connection's slot on core `core`, answered with `Published`.
-    Publish {
-        core: usize,
-        ticket: usize,
-        publish: Publish,
-    },
-    /// A new stream on core `core` waits (not yet live) for what it missed.
-    Replay {
-        core: usize,
-        key: StreamKey,
-        topics: Vec<Box<str>>,
-        from: ReplayFrom,
-        /// The resume id as the client sent it (echoed in a gap notice).
-        given: Option<String>,
-        end_marker: bool,
-    },
-    Shutdown,
 }
 
 /// One published event as every core sees it: the frame is shared, never re-encoded.
@@ -50,17 +34,8 @@ pub struct Event {
 }
 
 pub enum CoreMsg {
-    /// Events in id order, one message per broker batch, shared by all cores.
+    /// Events in id order, one message per publishing batch, shared by all cores.
     Events(Arc<[Arc<Event>]>),
-    Published {
-        ticket: usize,
-        id: EventId,
-    },
-    /// Frames for one stream, then it goes live (see `Hub::replay`).
-    Replay {
-        key: StreamKey,
-        frames: Vec<Frame>,
-    },
     Shutdown,
 }
 
@@ -93,92 +68,115 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-pub struct Broker {
-    pub rx: Receiver<BrokerMsg>,
-    pub cores: Vec<MailboxSender<CoreMsg>>,
-    pub shared: Arc<Shared>,
-    pub history: History,
-    /// Messages handled per broker wake-up before its batch goes to the cores.
-    pub batch_max: usize,
-    /// Events whose SSE bytes reach this size are deflated for gzip streams (smaller: stored).
-    pub gzip_min_bytes: usize,
+/// Some core's mailbox is full (that core is a mailbox's worth of batches behind): nothing was
+/// published; the publisher waits and tries again (back-pressure), or gets 503 in the end.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full;
+
+struct State {
+    clock: IdClock,
+    history: History,
 }
 
-#[derive(Default)]
-struct Batch {
-    events: Vec<Arc<Event>>,
-    acks: Vec<(usize, usize, EventId)>,
+pub struct Broker {
+    state: Mutex<State>,
+    cores: Vec<MailboxSender<CoreMsg>>,
+    shared: Arc<Shared>,
+    /// Events whose SSE bytes reach this size are deflated for gzip streams (smaller: stored).
+    gzip_min_bytes: usize,
 }
 
 impl Broker {
-    pub fn run(mut self) {
-        let mut clock = IdClock::default();
-        let mut next_expiry = Instant::now() + EXPIRE_EVERY;
-        let mut batch = Batch::default();
-        loop {
-            let first = match self.rx.recv_timeout(EXPIRE_EVERY) {
-                Ok(msg) => Some(msg),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
-            };
-            if Instant::now() >= next_expiry {
-                self.history.expire(now_ms());
-                self.shared.retained_events.store(self.history.retained(), Ordering::Relaxed);
-                next_expiry = Instant::now() + EXPIRE_EVERY;
+    pub fn new(
+        cores: Vec<MailboxSender<CoreMsg>>,
+        shared: Arc<Shared>,
+        history: History,
+        gzip_min_bytes: usize,
+    ) -> Self {
+        Broker { state: Mutex::new(State { clock: IdClock::default(), history }), cores, shared, gzip_min_bytes }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing under the lock panics on input; should it ever, the state is still consistent
+        // event by event, so keep serving.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Numbers, retains and queues `batch` for every core as one message (so the events share
+    /// each core's pass), appending their ids to `ids` in order, then wakes the cores.
+    /// The frame is encoded under the lock: ids must reach the cores in order.
+    pub fn publish(&self, batch: &mut Vec<Publish>, ids: &mut Vec<EventId>) -> Result<(), Full> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let gzip = self.shared.any_gzip();
+        let now = now_ms();
+        {
+            let mut state = self.lock();
+            // Only publishes queue events, all under this lock: room seen here stays room.
+            if self.cores.iter().any(|core| core.is_full()) {
+                return Err(Full);
             }
-            let mut next = first;
-            let mut handled = 0;
-            while let Some(msg) = next {
-                match msg {
-                    BrokerMsg::Publish { core, ticket, publish } => {
-                        let id = clock.next_id();
-                        let mut frame = encode_event(id, publish.event.as_deref(), &publish.data);
-                        if self.shared.any_gzip() {
-                            frame = frame.with_gzip(self.gzip_min_bytes);
-                        }
-                        let event = Arc::new(Event { id, topics: publish.topics.into_boxed_slice(), frame });
-                        self.history.record(&event);
-                        batch.events.push(event);
-                        batch.acks.push((core, ticket, id));
-                        self.shared.events_published.fetch_add(1, Ordering::Relaxed);
-                    }
-                    BrokerMsg::Replay { core, key, topics, from, given, end_marker } => {
-                        // Events handled before this request reach the core before its replay.
-                        self.flush(&mut batch);
-                        let replay = self.history.replay(&topics, &from, clock.last(), now_ms());
-                        let frames = replay_frames(replay, given, end_marker);
-                        let _ = self.cores[core].push(CoreMsg::Replay { key, frames });
-                    }
-                    BrokerMsg::Shutdown => {
-                        self.flush(&mut batch);
-                        self.notify_all();
-                        return;
-                    }
+            let mut events = Vec::with_capacity(batch.len());
+            for publish in batch.drain(..) {
+                let id = state.clock.next_at(now);
+                let mut frame = encode_event(id, publish.event.as_deref(), &publish.data);
+                if gzip {
+                    frame = frame.with_gzip(self.gzip_min_bytes);
                 }
-                handled += 1;
-                next = if handled < self.batch_max { self.rx.try_recv().ok() } else { None };
+                let event = Arc::new(Event { id, topics: publish.topics.into_boxed_slice(), frame });
+                state.history.record(&event);
+                ids.push(id);
+                events.push(event);
             }
-            self.flush(&mut batch);
-            self.notify_all();
-        }
-    }
-
-    /// Sends the batch's events to every core as one message, then the publishers' answers.
-    fn flush(&self, batch: &mut Batch) {
-        if !batch.events.is_empty() {
-            let events: Arc<[Arc<Event>]> = batch.events.drain(..).collect();
-            for mailbox in &self.cores {
-                let _ = mailbox.push(CoreMsg::Events(events.clone()));
+            self.shared.events_published.fetch_add(events.len() as u64, Ordering::Relaxed);
+            let events: Arc<[Arc<Event>]> = events.into();
+            for core in &self.cores {
+                let _ = core.try_push(CoreMsg::Events(events.clone()));
             }
         }
-        for (core, ticket, id) in batch.acks.drain(..) {
-            let _ = self.cores[core].push(CoreMsg::Published { ticket, id });
+        // Outside the lock: a wake of a parked core is a syscall.
+        for core in &self.cores {
+            core.notify();
         }
+        Ok(())
     }
 
-    fn notify_all(&self) {
-        for mailbox in &self.cores {
-            mailbox.notify();
+    /// What a new stream on `topics` missed (a gap notice, retained events, the end marker),
+    /// and the id up to which that covers: the stream takes live events after it, so the
+    /// hand-over has no gap and no duplicate whatever the core's mailbox still holds.
+    pub fn replay(
+        &self,
+        topics: &[Box<str>],
+        from: &ReplayFrom,
+        given: Option<String>,
+        end_marker: bool,
+    ) -> (Vec<Frame>, EventId) {
+        let (replay, last) = {
+            let state = self.lock();
+            let last = state.clock.last();
+            (state.history.replay(topics, from, last, now_ms()), last)
+        };
+        (replay_frames(replay, given, end_marker), last)
+    }
+
+    /// The newest id handed out: a live-only stream opened now takes the events after it (its
+    /// core's mailbox may still hold older ones, published before the stream opened).
+    pub fn last_id(&self) -> EventId {
+        self.lock().clock.last()
+    }
+
+    /// Drops retained events past --history-ttl (the chores thread, once a second).
+    pub fn expire(&self) {
+        let mut state = self.lock();
+        state.history.expire(now_ms());
+        self.shared.retained_events.store(state.history.retained(), Ordering::Relaxed);
+    }
+
+    /// Asks every core to drain and stop (blocks while a mailbox is full: cores keep reading).
+    pub fn shutdown(&self) {
+        for core in &self.cores {
+            let _ = core.send(CoreMsg::Shutdown);
         }
     }
 }

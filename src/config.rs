@@ -71,8 +71,11 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_MAX_TOPICS", default_value_t = 64)]
     pub max_topics: usize,
 
-    /// Bytes queued for one stream before that subscriber is disconnected as too slow.
-    #[arg(long, env = "RINGCAST_MAX_QUEUED_BYTES", default_value_t = 1 << 20)]
+    /// Bytes queued for one stream behind what is being written to it, past which that
+    /// subscriber is too slow (see --slow-consumer). Must be at least --max-body; the default
+    /// leaves room for several of the largest events (queued frames are shared by every stream,
+    /// so this bounds a stream's lag more than its memory).
+    #[arg(long, env = "RINGCAST_MAX_QUEUED_BYTES", default_value_t = 4 << 20)]
     pub max_queued_bytes: usize,
 
     /// Hold each stream's writes this long after its first pending frame, so more frames share
@@ -112,6 +115,12 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_SLOW_CONSUMER", value_enum, default_value = "disconnect")]
     pub slow_consumer: crate::hub::SlowPolicy,
 
+    /// Before a core sleeps, keep it awake this long (running its tasks, looking at its mailbox)
+    /// so an event or request arriving soon needs no cross-CPU wake-up: lower latency for
+    /// CPU burnt while idle (e.g. 50us for latency-first deployments; 0: sleep at once).
+    #[arg(long, env = "RINGCAST_SPIN", default_value = "0", value_parser = parse_duration)]
+    pub spin: Duration,
+
     /// Longest SIGTERM/SIGINT drain before the process exits anyway.
     #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -122,6 +131,18 @@ pub struct Config {
 }
 
 impl Config {
+    /// Settings that cannot work together, as a message for start-up.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_queued_bytes < self.max_body {
+            return Err(format!(
+                "--max-queued-bytes ({}) is smaller than --max-body ({}): a subscriber must be able to \
+                 hold the largest event a publisher may send",
+                self.max_queued_bytes, self.max_body
+            ));
+        }
+        Ok(())
+    }
+
     pub fn core_count(&self) -> usize {
         self.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
     }

@@ -1,5 +1,6 @@
 //! One connection: read requests (pipelined, keep-alive), route them, or become an event stream.
 
+use crate::broker::{Full, Publish};
 use crate::gzip;
 use crate::history::ReplayFrom;
 use crate::http::{
@@ -8,14 +9,13 @@ use crate::http::{
 use crate::hub::StreamKey;
 use crate::metrics::Shared;
 use crate::publish::{parse_publish, validate_topics};
-use crate::sse::{retry_frame, Wire, LAST_CHUNK, OPENING_SSE};
-use crate::worker::{Ticket, Worker};
+use crate::sse::{retry_frame, EventId, Wire, LAST_CHUNK, OPENING_SSE};
+use crate::worker::Worker;
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,10 +24,13 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 /// First read size for a request: a browser's `GET /events` head is well under 1 KiB, and every
 /// connection pays for this buffer until it becomes a stream. Grows for bigger requests.
 const READ_CHUNK: usize = 1024;
+/// How often a publisher waiting for room in a full core mailbox tries again.
+const FULL_RETRY: Duration = Duration::from_millis(1);
 /// A stream's close watcher reads into this many bytes (swallows stray client bytes).
 const WATCH_BUF: usize = 64;
 
@@ -95,8 +98,20 @@ async fn fill(
     }
 }
 
-/// Writes and clears `out`; false when the peer is gone.
+/// Writes and clears `out`; false when the peer is gone. Answers are small and the socket
+/// almost always has room: they leave at once with one nonblocking `send`, not at the
+/// runtime's next io_uring submit (which a fan-out slice on this core can hold back).
 async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
+    // SAFETY: `out` is valid for `out.len()` bytes; no other write is in flight on this socket.
+    let sent = unsafe {
+        libc::send(stream.as_raw_fd(), out.as_ptr().cast(), out.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    if sent >= 0 {
+        out.drain(..sent as usize);
+        if out.is_empty() {
+            return true;
+        }
+    }
     let (res, mut written) = stream.write_all(std::mem::take(out)).await;
     written.clear();
     *out = written;
@@ -109,16 +124,62 @@ async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError) {
     flush(stream, out).await;
 }
 
-/// Publishes answered in order once the broker has their ids.
-type Pending = VecDeque<(Ticket, bool)>;
+/// Publishes read but not yet handed to the broker: a client's pipelined publishes go
+/// together (one lock, one batch every core takes in one pass), then are answered in order.
+#[derive(Default)]
+struct Pending {
+    publishes: Vec<Publish>,
+    keep_alive: Vec<bool>,
+    ids: Vec<EventId>,
+}
 
-/// Writes the answers of in-flight publishes, in request order.
-async fn resolve(pending: &mut Pending, out: &mut Vec<u8>) {
-    while let Some((ticket, keep_alive)) = pending.pop_front() {
-        let id = ticket.await;
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.publishes.is_empty()
+    }
+
+    fn push(&mut self, publish: Publish, keep_alive: bool) {
+        self.publishes.push(publish);
+        self.keep_alive.push(keep_alive);
+    }
+}
+
+/// Publishes what is pending and writes the answers, in request order, into `out`. While some
+/// core's mailbox is full the publishers wait (back-pressure); false when it stayed full for
+/// --header-timeout: they got one 503 and the connection must close.
+async fn resolve(worker: &Worker, pending: &mut Pending, out: &mut Vec<u8>) -> bool {
+    if pending.is_empty() {
+        return true;
+    }
+    let deadline = Instant::now() + worker.cfg.header_timeout;
+    while let Err(Full) = worker.broker.publish(&mut pending.publishes, &mut pending.ids) {
+        if Instant::now() >= deadline {
+            pending.publishes.clear();
+            pending.keep_alive.clear();
+            HttpError::Unavailable.write_response(out);
+            return false;
+        }
+        monoio::time::sleep(FULL_RETRY).await;
+    }
+    for (id, keep_alive) in pending.ids.drain(..).zip(pending.keep_alive.drain(..)) {
         let json = format!("{{\"id\":\"{id}\"}}");
         write_response(out, 200, "OK", "application/json", json.as_bytes(), keep_alive);
     }
+    true
+}
+
+/// Answers what is pending, then the error, and closes.
+async fn resolve_then_fail(
+    worker: &Worker,
+    pending: &mut Pending,
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    e: HttpError,
+) {
+    if resolve(worker, pending, out).await {
+        e.write_response(out);
+    }
+    flush(stream, out).await;
 }
 
 /// Appends what the socket already holds without waiting (more pipelined requests);
@@ -145,24 +206,24 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, coun
     let cfg = worker.cfg.clone();
     let mut buf = BytesMut::new();
     let mut out: Vec<u8> = Vec::new();
-    let mut pending = Pending::new();
+    let mut pending = Pending::default();
     loop {
         let deadline = Instant::now() + cfg.header_timeout;
         let req = loop {
             match parse_request(&mut buf, cfg.max_head_bytes) {
                 Ok(Some(req)) => break req,
                 Ok(None) => {}
-                Err(e) => {
-                    resolve(&mut pending, &mut out).await;
-                    return fail(&mut stream, &mut out, e).await;
-                }
+                Err(e) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await,
             }
             if !pending.is_empty() {
-                // Gather every publish the client pipelined before waiting for their ids.
+                // Gather every publish the client pipelined before publishing them together.
                 if read_ready(&stream, &mut buf) {
                     continue;
                 }
-                resolve(&mut pending, &mut out).await;
+                if !resolve(&worker, &mut pending, &mut out).await {
+                    flush(&mut stream, &mut out).await;
+                    return;
+                }
             }
             match fill(&mut stream, &mut buf, &mut out, deadline).await {
                 Ok(()) => {}
@@ -172,41 +233,36 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, coun
         };
 
         if let Err(e) = check_route(&req) {
-            resolve(&mut pending, &mut out).await;
-            return fail(&mut stream, &mut out, e).await;
+            return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await;
         }
-        if !body_in_buffer(&req, &buf) {
-            resolve(&mut pending, &mut out).await;
+        if !body_in_buffer(&req, &buf) && !resolve(&worker, &mut pending, &mut out).await {
+            flush(&mut stream, &mut out).await;
+            return;
         }
         let body = match read_body(&mut stream, &mut buf, &mut out, &req, &cfg).await {
             Ok(body) => body,
-            Err(Some(e)) => {
-                resolve(&mut pending, &mut out).await;
-                return fail(&mut stream, &mut out, e).await;
-            }
+            Err(Some(e)) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await,
             Err(None) => return,
         };
         let keep_alive = req.keep_alive && !worker.draining.get() && !over_limit;
 
         if req.path == "/publish" && req.method == Method::Post && !over_limit {
-            let submitted = parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics)
-                .and_then(|p| worker.submit(p));
-            match submitted {
-                Ok(ticket) => pending.push_back((ticket, keep_alive)),
-                Err(e) => {
-                    resolve(&mut pending, &mut out).await;
-                    return fail(&mut stream, &mut out, e).await;
-                }
+            match parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics) {
+                Ok(publish) => pending.push(publish, keep_alive),
+                Err(e) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await,
             }
             if !keep_alive {
-                resolve(&mut pending, &mut out).await;
+                resolve(&worker, &mut pending, &mut out).await;
                 flush(&mut stream, &mut out).await;
                 return;
             }
             continue;
         }
         // Every other answer follows the publishes before it.
-        resolve(&mut pending, &mut out).await;
+        if !resolve(&worker, &mut pending, &mut out).await {
+            flush(&mut stream, &mut out).await;
+            return;
+        }
 
         if over_limit {
             worker.stats().shed.fetch_add(1, Ordering::Relaxed);
@@ -377,15 +433,24 @@ async fn stream_events(
     }
     let first = Bytes::from(out);
 
+    // What it missed, up to the newest id so far; later events reach it live (see
+    // `Broker::replay`), so nothing is lost or doubled between the two.
+    let (replayed, live_after) = if live {
+        (Vec::new(), worker.broker.last_id())
+    } else {
+        worker.broker.replay(&topics, &from, resume_text, end_marker)
+    };
     let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
-    let key = worker.hub.borrow_mut().subscribe(&topics, fd, Some(wr), wire, live, first, worker.stats());
-    if !live {
-        // Asked before the client can see the stream open: every event published after that
-        // reaches the broker after this request, so it is live, not lost between the two.
-        worker.request_replay(key, topics, from, resume_text, end_marker);
-    }
-    worker.hub.borrow_mut().flush_one(key);
+    let key = {
+        let mut hub = worker.hub.borrow_mut();
+        let key = hub.subscribe(&topics, fd, Some(wr), wire, live_after, first, worker.stats());
+        if !replayed.is_empty() {
+            hub.replay(key, &replayed);
+        }
+        hub.flush_one(key);
+        key
+    };
     // This task (and its request-parsing state) ends here: an idle stream costs only its hub
     // entry and the small close watcher; writes happen in `Hub::flush` or a backlog writer.
     monoio::spawn(CatchUnwind(watch_close(StreamGuard { worker, key, _count: count }, rd)));

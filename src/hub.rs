@@ -5,7 +5,7 @@ use crate::frames::{FrameBatch, MAX_IOVECS};
 use crate::gzip::HEARTBEAT_GZIP;
 use crate::metrics::CoreStats;
 use crate::sender::BatchSender;
-use crate::sse::{Frame, Wire, HEARTBEAT_CHUNK, HEARTBEAT_RAW, LAST_CHUNK};
+use crate::sse::{EventId, Frame, Wire, HEARTBEAT_CHUNK, HEARTBEAT_RAW, LAST_CHUNK};
 use bytes::Bytes;
 use monoio::io::{AsyncWriteRent, OwnedWriteHalf};
 use monoio::net::TcpStream;
@@ -39,16 +39,19 @@ pub struct Subscriber {
     id: u64,
     /// Frames with their conflation tag (`NO_TAG`: never dropped by `--slow-consumer latest`).
     queue: VecDeque<(Bytes, u64)>,
-    /// Queued plus in-flight bytes, bounded by --max-queued-bytes.
+    /// Queued plus in-flight bytes.
     pending_bytes: usize,
+    /// Bytes the backlog writer holds (being written); the rest of `pending_bytes` is queued
+    /// behind them and bounded by --max-queued-bytes.
+    writer_bytes: usize,
     state: StreamState,
     topics: Vec<(Rc<str>, usize)>,
     fd: RawFd,
     wire: Wire,
-    /// False while a replay is on its way from the broker: live events that reach this core
-    /// before the replay are part of it (the broker handles messages in order), so they are
-    /// skipped here; that is what keeps the hand-over free of gaps and duplicates.
-    live: bool,
+    /// Events up to this id were covered by the stream's replay (or gap notice): the mailbox
+    /// may still hold some of them, and they are skipped here; that is what keeps the
+    /// hand-over free of gaps and duplicates. For a live-only stream: the newest id when it opened.
+    live_after: EventId,
     /// Waiting in the batch window (`Hub::held`) for its write.
     held: bool,
     /// Listed in `Hub::dirty`: has frames for the next `flush`.
@@ -134,17 +137,32 @@ fn kick(fd: RawFd) {
 }
 
 impl Subscriber {
+    /// Bytes queued behind what is being written (the backlog writer's batch, else the frame
+    /// at the front of the queue): the part that --max-queued-bytes bounds.
+    fn behind(&self) -> usize {
+        let head = if self.writing { self.writer_bytes } else { self.queue.front().map_or(0, |(f, _)| f.len()) };
+        self.pending_bytes.saturating_sub(head)
+    }
+
+    /// Whether queueing `incoming` makes the stream too far behind. One event behind what is
+    /// being written never does, however large and however slowly the socket takes it: a
+    /// stream is cut only for a second one past the bound.
+    fn over_bound(&self, incoming: usize, max_queued: usize) -> bool {
+        let behind = self.behind();
+        behind > 0 && behind + incoming > max_queued
+    }
+
     /// Queues a frame within the byte bound (without waking the writer).
     fn enqueue(&mut self, frame: Bytes, tag: u64, max_queued: usize, policy: SlowPolicy) -> Queued {
         if self.state != StreamState::Open {
             return Queued::Closed;
         }
         let mut conflated = 0;
-        if self.pending_bytes + frame.len() > max_queued {
+        if self.over_bound(frame.len(), max_queued) {
             if policy == SlowPolicy::Latest && tag != NO_TAG {
                 conflated = self.conflate(tag);
             }
-            if self.pending_bytes + frame.len() > max_queued {
+            if self.over_bound(frame.len(), max_queued) {
                 self.kill();
                 return Queued::Dropped;
             }
@@ -342,7 +360,7 @@ impl Hub {
     }
 
     /// Adds a stream; `first` is queued before any event (the opening `retry:` and comment).
-    /// A stream that is not `live` gets events only after `replay`.
+    /// It gets the events with ids after `live_after` (see `Subscriber::live_after`).
     #[allow(clippy::too_many_arguments)]
     pub fn subscribe(
         &mut self,
@@ -350,7 +368,7 @@ impl Hub {
         fd: RawFd,
         wr: Option<OwnedWriteHalf<TcpStream>>,
         wire: Wire,
-        live: bool,
+        live_after: EventId,
         first: Bytes,
         stats: &CoreStats,
     ) -> StreamKey {
@@ -374,11 +392,12 @@ impl Hub {
             id,
             queue,
             pending_bytes,
+            writer_bytes: 0,
             state: StreamState::Open,
             topics: slots,
             fd,
             wire,
-            live,
+            live_after,
             held: false,
             dirty: false,
             writing: false,
@@ -409,7 +428,8 @@ impl Hub {
     }
 
     /// Fans one event out to this core's subscribers of its topics, once per subscriber.
-    pub fn publish(&mut self, event: &Event, stats: &CoreStats) {
+    /// Returns the streams it looked at (the work done, for the core's slicing).
+    pub fn publish(&mut self, event: &Event, stats: &CoreStats) -> usize {
         let Hub { subs, topics, scratch, limits, held, flusher, dirty, .. } = self;
         scratch.clear();
         for topic in event.topics.iter() {
@@ -418,7 +438,7 @@ impl Hub {
             }
         }
         if scratch.is_empty() {
-            return;
+            return 0;
         }
         if event.topics.len() > 1 {
             scratch.sort_unstable();
@@ -429,7 +449,7 @@ impl Hub {
         let (mut delivered, mut dropped, mut conflated) = (0u64, 0u64, 0u64);
         for &key in scratch.iter() {
             let sub = &mut subs[key];
-            if !sub.live {
+            if event.id <= sub.live_after {
                 continue;
             }
             let bytes = frame.for_stream(sub.wire);
@@ -462,6 +482,7 @@ impl Hub {
         if conflated > 0 {
             stats.conflated.fetch_add(conflated, Ordering::Relaxed);
         }
+        scratch.len()
     }
 
     /// Empties every queue without sending and returns the frames dropped (benches: fan-out
@@ -578,12 +599,11 @@ impl Hub {
         }
     }
 
-    /// Queues what the broker replayed for a stream and makes it live. Replayed bytes are
-    /// bounded by the history, not by --max-queued-bytes (a resume must not look like a slow
-    /// consumer), so they are queued without counting against that bound.
+    /// Queues what the broker replayed for a stream. Replayed bytes are bounded by the
+    /// history, not by --max-queued-bytes (a resume must not look like a slow consumer), so
+    /// they are queued without counting against that bound.
     pub fn replay(&mut self, sk: StreamKey, frames: &[Frame]) {
         let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { return };
-        sub.live = true;
         if sub.state != StreamState::Open {
             return;
         }
@@ -648,6 +668,7 @@ impl Hub {
         }
         while !batch.is_full() {
             let Some((frame, _)) = sub.queue.pop_front() else { break };
+            sub.writer_bytes += frame.len();
             batch.push(frame);
         }
         sub.trim();
@@ -659,6 +680,7 @@ impl Hub {
         let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { return };
         sub.wr = Some(wr);
         sub.writing = false;
+        sub.writer_bytes = 0;
         if failed {
             sub.kill();
         } else if sub.state == StreamState::Closing && sub.queue.is_empty() {
@@ -671,6 +693,7 @@ impl Hub {
     fn written(&mut self, sk: StreamKey, n: usize) {
         if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
             sub.pending_bytes = sub.pending_bytes.saturating_sub(n);
+            sub.writer_bytes = sub.writer_bytes.saturating_sub(n);
         }
     }
 }
@@ -768,7 +791,15 @@ mod tests {
     fn multi_topic_event_queued_once_and_unsubscribe_cleans_index() {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a", "b"]), -1, None, Wire::Chunked, true, Bytes::from_static(b"open"), &stats);
+        let sk = h.subscribe(
+            &topics(&["a", "b"]),
+            -1,
+            None,
+            Wire::Chunked,
+            EventId::default(),
+            Bytes::from_static(b"open"),
+            &stats,
+        );
         h.publish(&event(1, &["a", "b"], "x"), &stats);
         h.publish(&event(2, &["c"], "y"), &stats);
         assert_eq!(queued(&h, sk).len(), 1);
@@ -792,7 +823,8 @@ mod tests {
             }
             let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
             // An empty opening frame, then an event: both must leave and the queue empty.
-            let sk = h.subscribe(&topics(&["a"]), a.as_raw_fd(), None, Wire::Raw, true, Bytes::new(), &stats);
+            let sk =
+                h.subscribe(&topics(&["a"]), a.as_raw_fd(), None, Wire::Raw, EventId::default(), Bytes::new(), &stats);
             h.flush();
             h.publish(&event(1, &["a"], "x"), &stats);
             h.flush();
@@ -808,7 +840,7 @@ mod tests {
     fn drained_queue_gives_back_a_burst_sized_buffer() {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, true, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
         for seq in 0..500 {
             h.publish(&event(seq, &["a"], "x"), &stats);
         }
@@ -828,7 +860,7 @@ mod tests {
     fn slow_subscriber_is_dropped_or_conflated() {
         let stats = CoreStats::default();
         let mut h = hub(200, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, true, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
         for seq in 0..20 {
             h.publish(&event(seq, &["a"], "0123456789"), &stats);
         }
@@ -836,7 +868,7 @@ mod tests {
         assert_eq!(stats.slow_disconnects.load(Ordering::Relaxed), 1);
 
         let mut h = hub(200, SlowPolicy::Latest);
-        let sk = h.subscribe(&topics(&["a", "b"]), -1, None, Wire::Chunked, true, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a", "b"]), -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
         for seq in 0..20 {
             h.publish(&event(seq, &[if seq % 2 == 0 { "a" } else { "b" }], "0123456789"), &stats);
         }
@@ -848,13 +880,30 @@ mod tests {
     }
 
     #[test]
+    fn one_event_larger_than_the_bound_is_not_too_slow() {
+        let stats = CoreStats::default();
+        let mut h = hub(100, SlowPolicy::Disconnect);
+        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
+        h.subs[sk.key].queue.clear(); // the opening frame was sent
+        let big = "x".repeat(500);
+        h.publish(&event(1, &["a"], &big), &stats);
+        assert_eq!(h.subs[sk.key].state, StreamState::Open, "one event alone");
+        h.publish(&event(2, &["a"], &big), &stats);
+        assert_eq!(h.subs[sk.key].state, StreamState::Open, "one event behind the one being written");
+        h.publish(&event(3, &["a"], "small"), &stats);
+        assert_eq!(h.subs[sk.key].state, StreamState::Dead, "a second one past the bound");
+        assert_eq!(stats.slow_disconnects.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn replay_gates_live_events() {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, false, Bytes::new(), &stats);
-        h.publish(&event(1, &["a"], "covered by replay"), &stats);
-        assert!(queued(&h, sk).is_empty());
+        let covered = EventId { ms: 1, seq: 1 };
+        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, covered, Bytes::new(), &stats);
         h.replay(sk, &[event(1, &["a"], "replayed").frame.clone()]);
+        // Still in the mailbox when the stream opened: the replay has it already.
+        h.publish(&event(1, &["a"], "covered by replay"), &stats);
         h.publish(&event(2, &["a"], "live"), &stats);
         let q = queued(&h, sk);
         assert_eq!(q.len(), 2);

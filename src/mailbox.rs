@@ -1,4 +1,5 @@
 //! One mailbox per core: a bounded crossbeam channel plus a coalesced cross-thread wake-up.
+//! Publishing cores (through the broker) send events; the owning core reads them.
 //!
 //! Why this wake-up: crossbeam has no async receive, and a monoio task can only be woken from
 //! another thread with monoio's `sync` feature. The receiving core registers its task waker in an
@@ -54,6 +55,15 @@ impl<T> MailboxSender<T> {
         }
     }
 
+    /// Queues without waking or blocking; the message comes back when the mailbox is full.
+    pub fn try_push(&self, msg: T) -> Result<(), T> {
+        self.tx.try_send(msg).map_err(|e| e.into_inner())
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.tx.is_full()
+    }
+
     /// `push` then `notify`.
     pub fn send(&self, msg: T) -> Result<(), T> {
         self.push(msg)?;
@@ -76,6 +86,10 @@ impl<T> MailboxReceiver<T> {
             }
         })
         .await
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
     }
 
     pub fn try_recv(&self) -> Option<T> {

@@ -1,6 +1,7 @@
-//! Start-up and shutdown: broker and core threads, the listening address, signals, drain.
+//! Start-up and shutdown: the broker, its chores thread and the core threads, the listening
+//! address, signals, drain.
 
-use crate::broker::{Broker, BrokerMsg, CoreMsg, IdClock};
+use crate::broker::{Broker, CoreMsg, IdClock};
 use crate::config::Config;
 use crate::history::History;
 use crate::mailbox::{mailbox, MailboxSender};
@@ -8,18 +9,20 @@ use crate::metrics::Shared;
 use crate::worker::{spawn_core, CoreStart};
 use std::io::{self, Write};
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
-/// Broker inbox: publishes beyond this many in flight are answered 503.
-const BROKER_QUEUE: usize = 1 << 16;
-/// Core mailbox, in broker batches (each up to --batch-max events): the broker blocks
-/// (back-pressure, then 503 at its inbox) when a core falls this far behind. A core takes only
+/// Core mailbox, in publishing batches (a connection's pipelined publishes go together): when a
+/// core falls this far behind, publishers wait (back-pressure, then 503). A core takes only
 /// --batch-max events per pass over its streams, so a burst waits here: this bounds it.
 const CORE_QUEUE: usize = 1 << 12;
+/// How often retained events are checked against --history-ttl.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// File descriptors kept free for answering over-limit clients and for the process itself.
 const FD_RESERVE: usize = 256;
 
 /// Runs the server until SIGTERM or SIGINT, then drains.
 pub fn run(cfg: Config) -> io::Result<()> {
+    cfg.check().map_err(io::Error::other)?;
     let signals = block_shutdown_signals()?;
     let nofile = raise_nofile_limit();
     let cores = cfg.core_count();
@@ -27,34 +30,27 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let shared = Arc::new(Shared::new(cores, max_connections));
     let cfg = Arc::new(cfg);
 
-    let (broker_tx, broker_rx) = crossbeam_channel::bounded(BROKER_QUEUE);
     let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();
     let first_id = IdClock::default().next_id();
     let history = History::new(cfg.history, cfg.history_max_entries, cfg.history_ttl.as_millis() as u64, first_id);
-    let broker = Broker {
-        rx: broker_rx,
-        cores: senders.clone(),
-        shared: shared.clone(),
-        history,
-        batch_max: cfg.batch_max.max(1),
-        gzip_min_bytes: cfg.gzip_min_bytes,
+    let broker = Arc::new(Broker::new(senders, shared.clone(), history, cfg.gzip_min_bytes));
+    let (stop_chores, chores_stopped) = mpsc::channel::<()>();
+    let chores = {
+        let broker = broker.clone();
+        std::thread::Builder::new().name("ringcast-broker".into()).spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = chores_stopped.recv_timeout(EXPIRE_EVERY) {
+                broker.expire();
+            }
+        })?
     };
-    let broker_thread = std::thread::Builder::new().name("ringcast-broker".into()).spawn(move || broker.run())?;
 
     // Core 0 binds first so that port 0 resolves to one port that the other cores share.
     let mut addr = cfg.listen;
     let mut threads = Vec::with_capacity(cores);
     for (index, mailbox) in receivers.into_iter().enumerate() {
         let (ready, bound) = mpsc::channel();
-        let start = CoreStart {
-            index,
-            cfg: cfg.clone(),
-            shared: shared.clone(),
-            broker: broker_tx.clone(),
-            mailbox,
-            addr,
-            ready,
-        };
+        let start =
+            CoreStart { index, cfg: cfg.clone(), shared: shared.clone(), broker: broker.clone(), mailbox, addr, ready };
         threads.push(spawn_core(start)?);
         addr = bound
             .recv()
@@ -71,14 +67,12 @@ pub fn run(cfg: Config) -> io::Result<()> {
 
     let signal = wait_for_signal(&signals);
     log::info!("{signal} received: draining streams (at most {:?})", cfg.drain_timeout);
-    for core in &senders {
-        let _ = core.send(CoreMsg::Shutdown);
-    }
+    broker.shutdown();
     for thread in threads {
         let _ = thread.join();
     }
-    let _ = broker_tx.send(BrokerMsg::Shutdown);
-    let _ = broker_thread.join();
+    drop(stop_chores);
+    let _ = chores.join();
     log::info!("drained; exiting");
     Ok(())
 }

@@ -1,36 +1,40 @@
 //! One worker thread: its own monoio runtime, SO_REUSEPORT listener, accept loop, heartbeat
 //! timer, and the mailbox loop that fans broker events out to this core's streams.
 
-use crate::broker::{BrokerMsg, CoreMsg, Publish};
+use crate::broker::{Broker, CoreMsg, Event};
 use crate::config::{Config, DriverChoice};
 use crate::conn;
-use crate::history::ReplayFrom;
-use crate::http::HttpError;
-use crate::hub::{Hub, HubLimits, StreamKey};
+use crate::hub::{Hub, HubLimits};
 use crate::mailbox::MailboxReceiver;
 use crate::metrics::{CoreStats, Shared};
 use crate::sender::{BatchSender, SendChoice};
-use crate::sse::{encode_notice, retry_frame, EventId};
+use crate::sse::retry_frame;
 use monoio::io::Canceller;
 use monoio::net::{ListenerOpts, TcpListener};
 use monoio::time::{Instant, MissedTickBehavior, TimeDriver};
 use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
-use slab::Slab;
 use std::cell::{Cell, RefCell};
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Once};
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
-/// Mailbox messages handled before other tasks on this core get a turn.
-const MAILBOX_BUDGET: usize = 512;
-/// Streams sent to between two looks at the mailbox and the other tasks (a few ms of sends
-/// at most, even on a slow host).
-const FLUSH_SLICE: usize = 256;
+/// Deliveries queued (events x their streams) before the core sends a slice and lets its other
+/// tasks run: queueing costs 10-30 ns a delivery, so this is well under 100 us.
+const ENQUEUE_SLICE: usize = 2048;
+/// What one slice of sends should take. Between slices the core answers publishers, accepts
+/// and reads (monoio reaps io_uring completions only between task rounds): with publishers
+/// that wait for each answer, the slice is their round trip, and the shorter it is the more
+/// events they get in while the pass goes on, all sharing its sends (measured with 1,000
+/// subscribers: 256-stream slices of ~1.3 ms gave 0.46 M deliveries/s, 8-stream slices
+/// 4.8 M/s; docs/BENCHMARKS.md §7). A send's cost varies by host, so the slice size adapts.
+const SLICE_TARGET: Duration = Duration::from_micros(50);
+/// Bounds of the adaptive slice, in streams.
+const SLICE_MIN: usize = 4;
+const SLICE_MAX: usize = 1024;
 /// Pause after accept fails for lack of file descriptors (EMFILE returns at once, forever).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 /// Listen backlog: connection storms (reconnects after a restart) queue here.
@@ -44,18 +48,11 @@ pub struct Worker {
     pub cfg: Arc<Config>,
     pub shared: Arc<Shared>,
     pub hub: Rc<RefCell<Hub>>,
-    broker: crossbeam_channel::Sender<BrokerMsg>,
-    acks: RefCell<Slab<AckSlot>>,
+    pub broker: Arc<Broker>,
     pub draining: Cell<bool>,
     rng: Cell<u64>,
-}
-
-#[derive(Default)]
-struct AckSlot {
-    id: Option<EventId>,
-    waker: Option<Waker>,
-    /// The publishing connection went away; free the slot when the broker answers.
-    abandoned: bool,
+    /// Streams per slice of sends (adapts to `SLICE_TARGET`).
+    slice: Cell<usize>,
 }
 
 impl Worker {
@@ -73,93 +70,22 @@ impl Worker {
         lo + x % (hi - lo).max(1)
     }
 
-    /// Hands a publish to the broker; the ticket resolves to its id. Several may be in flight
-    /// (pipelined publishes on one connection reach the broker together and share its batch).
-    pub fn submit(self: &Rc<Self>, publish: Publish) -> Result<Ticket, HttpError> {
-        let slot = self.acks.borrow_mut().insert(AckSlot::default());
-        let msg = BrokerMsg::Publish { core: self.index, ticket: slot, publish };
-        if self.broker.try_send(msg).is_err() {
-            self.acks.borrow_mut().remove(slot);
-            return Err(HttpError::Unavailable);
-        }
-        Ok(Ticket { worker: self.clone(), slot, done: false })
-    }
-
-    /// Sends one slice (`FLUSH_SLICE` streams) of what is pending; true when more remains.
+    /// Sends one slice of what is pending; true when more remains.
     fn flush_slice(&self) -> bool {
         let mut hub = self.hub.borrow_mut();
-        let more = hub.flush_some(FLUSH_SLICE);
+        let streams = self.slice.get();
+        let started = std::time::Instant::now();
+        let more = hub.flush_some(streams);
+        if more {
+            // A whole slice went out: size the next one to take about SLICE_TARGET.
+            let took = started.elapsed().as_nanos().max(1) as usize;
+            // At most doubling: a slice that went fast (sockets with room, small frames) must not
+            // size one that meets full sockets or big batches.
+            let next = (streams * SLICE_TARGET.as_nanos() as usize / took).min(streams * 2);
+            self.slice.set(next.clamp(SLICE_MIN, SLICE_MAX));
+        }
         hub.publish_io_counts(self.stats());
         more
-    }
-
-    /// Asks the broker for what a new (not yet live) stream missed. If the broker is saturated
-    /// the stream goes live at once behind a gap notice, so the client knows to re-sync.
-    pub fn request_replay(
-        &self,
-        key: StreamKey,
-        topics: Vec<Box<str>>,
-        from: ReplayFrom,
-        given: Option<String>,
-        end_marker: bool,
-    ) {
-        let msg = BrokerMsg::Replay { core: self.index, key, topics, from, given, end_marker };
-        if self.broker.try_send(msg).is_err() {
-            let notice = encode_notice("ringcast-gap", r#"{"reason":"busy"}"#);
-            let mut hub = self.hub.borrow_mut();
-            hub.replay(key, &[notice]);
-            hub.flush_one(key);
-        }
-    }
-
-    fn complete(&self, ticket: usize, id: EventId) {
-        let mut acks = self.acks.borrow_mut();
-        let Some(slot) = acks.get_mut(ticket) else { return };
-        if slot.abandoned {
-            acks.remove(ticket);
-        } else {
-            slot.id = Some(id);
-            if let Some(w) = slot.waker.take() {
-                w.wake();
-            }
-        }
-    }
-}
-
-/// A publish on its way through the broker. Dropping it unanswered (the client left) lets the
-/// slot be freed when the broker's answer arrives.
-pub struct Ticket {
-    worker: Rc<Worker>,
-    slot: usize,
-    done: bool,
-}
-
-impl Future for Ticket {
-    type Output = EventId;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<EventId> {
-        let mut acks = self.worker.acks.borrow_mut();
-        let slot = &mut acks[self.slot];
-        if let Some(id) = slot.id {
-            acks.remove(self.slot);
-            drop(acks);
-            self.done = true;
-            return Poll::Ready(id);
-        }
-        slot.waker = Some(cx.waker().clone());
-        Poll::Pending
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if !self.done {
-            if let Ok(mut acks) = self.worker.acks.try_borrow_mut() {
-                if let Some(slot) = acks.get_mut(self.slot) {
-                    slot.abandoned = true;
-                    slot.waker = None;
-                }
-            }
-        }
     }
 }
 
@@ -178,6 +104,17 @@ async fn yield_now() {
         Poll::Pending
     })
     .await
+}
+
+/// `--spin`: before the core sleeps, keep running its other tasks and looking at the mailbox
+/// for a while, so an event or request that comes soon finds the core awake (no cross-CPU
+/// wake-up). Each turn goes through the runtime, which submits and reaps io_uring work
+/// (monoio's "cold path"), so sockets are served while spinning. Costs CPU while idle.
+async fn spin(mailbox: &MailboxReceiver<CoreMsg>, period: Duration) {
+    let until = std::time::Instant::now() + period;
+    while mailbox.is_empty() && std::time::Instant::now() < until {
+        yield_now().await;
+    }
 }
 
 static FALLBACK_LOGGED: Once = Once::new();
@@ -206,7 +143,7 @@ pub struct CoreStart {
     pub index: usize,
     pub cfg: Arc<Config>,
     pub shared: Arc<Shared>,
-    pub broker: crossbeam_channel::Sender<BrokerMsg>,
+    pub broker: Arc<Broker>,
     pub mailbox: MailboxReceiver<CoreMsg>,
     pub addr: SocketAddr,
     /// Reports the bound address (or the error) once the listener is up.
@@ -276,9 +213,9 @@ fn run_thread(start: CoreStart) {
             cfg: start.cfg,
             shared: start.shared,
             broker: start.broker,
-            acks: RefCell::new(Slab::new()),
             draining: Cell::new(false),
             rng: Cell::new(seed | 1),
+            slice: Cell::new(16),
         });
         if let Some(sender) = sender {
             worker.hub.borrow_mut().set_sender(sender);
@@ -299,49 +236,56 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
     // dirty streams is under way, at most `--batch-max` of them are taken: later ones wait in
     // the mailbox (a pointer each, shared by all cores) rather than on every stream's queue
     // (40 bytes per stream each), so a burst costs memory per event, not per delivery; a full
-    // mailbox holds the broker back, and publishers then get 503 at its queue.
+    // mailbox holds publishers back (see `Broker::publish`).
     let pass_limit = worker.cfg.batch_max.max(1);
     let mut pass_events = 0;
-    'mailbox: loop {
-        if worker.hub.borrow().flushed() {
+    // A batch taken from the mailbox and how far into it this core has got.
+    let mut taken: Option<(Arc<[Arc<Event>]>, usize)> = None;
+    loop {
+        if taken.is_none() && worker.hub.borrow().flushed() {
             pass_events = 0;
+            if !worker.cfg.spin.is_zero() {
+                spin(&mailbox, worker.cfg.spin).await;
+            }
             mailbox.ready().await;
         }
-        let mut budget = MAILBOX_BUDGET;
-        let mut acked = false;
-        while budget > 0 && pass_events < pass_limit {
-            let Some(msg) = mailbox.try_recv() else { break };
-            match msg {
-                CoreMsg::Events(events) => {
-                    pass_events += events.len();
-                    let mut hub = worker.hub.borrow_mut();
-                    for event in events.iter() {
-                        hub.publish(event, worker.stats());
+        let mut work = 0;
+        while work < ENQUEUE_SLICE {
+            let (events, next) = match taken.take() {
+                Some(batch) => batch,
+                None if pass_events >= pass_limit => break,
+                None => match mailbox.try_recv() {
+                    Some(CoreMsg::Events(events)) => {
+                        pass_events += events.len();
+                        (events, 0)
                     }
-                }
-                CoreMsg::Published { ticket, id } => {
-                    worker.complete(ticket, id);
-                    acked = true;
-                }
-                CoreMsg::Replay { key, frames } => worker.hub.borrow_mut().replay(key, &frames),
-                CoreMsg::Shutdown => break 'mailbox,
+                    Some(CoreMsg::Shutdown) => return drain(worker, canceller, accept).await,
+                    None => break,
+                },
+            };
+            let mut hub = worker.hub.borrow_mut();
+            let mut i = next;
+            while i < events.len() && work < ENQUEUE_SLICE {
+                work += 1 + hub.publish(&events[i], worker.stats());
+                i += 1;
             }
-            budget -= 1;
-        }
-        if acked {
-            // Publishers' answers (a few bytes each) go out before the fan-out's sends, so a
-            // publish round trip does not pay for writing to every subscriber.
-            yield_now().await;
+            if i < events.len() {
+                taken = Some((events, i));
+            }
         }
         let more = worker.flush_slice();
-        if more || budget == 0 {
-            // A slice of a long fan-out is done: let requests, accepts and timers run, then
-            // take what the mailbox got meanwhile before the next slice.
+        if more || taken.is_some() || work >= ENQUEUE_SLICE {
+            // A slice of a long fan-out is done: let requests (publishers waiting for their
+            // answers), accepts and timers run, then take what the mailbox got meanwhile
+            // before the next slice. Events published meanwhile join the sends still pending
+            // in this pass: that is what batches waiting publishers' events.
             yield_now().await;
         }
     }
+}
 
-    // Drain: stop accepting, tell every stream when to come back, close, and leave in time.
+/// Drain: stop accepting, tell every stream when to come back, close, and leave in time.
+async fn drain(worker: Rc<Worker>, canceller: Canceller, accept: monoio::task::JoinHandle<()>) {
     worker.draining.set(true);
     let _ = canceller.cancel();
     let _ = accept.await;

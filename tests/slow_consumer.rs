@@ -18,7 +18,7 @@ fn payload(i: usize) -> String {
 
 #[test]
 fn slow_consumer_is_cut_off_and_reader_gets_every_event() {
-    let server = Server::start(&["--max-queued-bytes", "65536"]);
+    let server = Server::start(&["--max-queued-bytes", "65536", "--max-body", "65536"]);
     let mut slow = server.subscribe(&["flood"]);
     let fast = server.subscribe(&["flood"]).without_parsing();
 

@@ -35,7 +35,8 @@ fn unread_subscriber_is_conflated_with_batch_window() {
 }
 
 fn unread_subscriber_is_conflated(extra: &[&str]) {
-    let mut args = vec!["--slow-consumer", "latest", "--max-queued-bytes", "65536", "--heartbeat", "60s"];
+    let mut args =
+        vec!["--slow-consumer", "latest", "--max-queued-bytes", "65536", "--max-body", "65536", "--heartbeat", "60s"];
     args.extend_from_slice(extra);
     let server = Server::start(&args);
     let mut sub = server.subscribe(&TOPICS);
