@@ -129,7 +129,8 @@ async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError) {
 #[derive(Default)]
 struct Pending {
     publishes: Vec<Publish>,
-    keep_alive: Vec<bool>,
+    /// Per publish: keep the connection open after its answer; when its request was parsed.
+    answers: Vec<(bool, std::time::Instant)>,
     ids: Vec<EventId>,
 }
 
@@ -138,9 +139,9 @@ impl Pending {
         self.publishes.is_empty()
     }
 
-    fn push(&mut self, publish: Publish, keep_alive: bool) {
+    fn push(&mut self, publish: Publish, keep_alive: bool, parsed: std::time::Instant) {
         self.publishes.push(publish);
-        self.keep_alive.push(keep_alive);
+        self.answers.push((keep_alive, parsed));
     }
 }
 
@@ -155,15 +156,16 @@ async fn resolve(worker: &Worker, pending: &mut Pending, out: &mut Vec<u8>) -> b
     while let Err(Full) = worker.broker.publish(&mut pending.publishes, &mut pending.ids) {
         if Instant::now() >= deadline {
             pending.publishes.clear();
-            pending.keep_alive.clear();
+            pending.answers.clear();
             HttpError::Unavailable.write_response(out);
             return false;
         }
         monoio::time::sleep(FULL_RETRY).await;
     }
-    for (id, keep_alive) in pending.ids.drain(..).zip(pending.keep_alive.drain(..)) {
+    for (id, (keep_alive, parsed)) in pending.ids.drain(..).zip(pending.answers.drain(..)) {
         let json = format!("{{\"id\":\"{id}\"}}");
         write_response(out, 200, "OK", "application/json", json.as_bytes(), keep_alive);
+        worker.stats().record_publish(parsed.elapsed());
     }
     true
 }
@@ -209,9 +211,9 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, coun
     let mut pending = Pending::default();
     loop {
         let deadline = Instant::now() + cfg.header_timeout;
-        let req = loop {
+        let (req, parsed) = loop {
             match parse_request(&mut buf, cfg.max_head_bytes) {
-                Ok(Some(req)) => break req,
+                Ok(Some(req)) => break (req, std::time::Instant::now()),
                 Ok(None) => {}
                 Err(e) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await,
             }
@@ -248,7 +250,7 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, coun
 
         if req.path == "/publish" && req.method == Method::Post && !over_limit {
             match parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics) {
-                Ok(publish) => pending.push(publish, keep_alive),
+                Ok(publish) => pending.push(publish, keep_alive, parsed),
                 Err(e) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await,
             }
             if !keep_alive {

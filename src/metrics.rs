@@ -18,6 +18,25 @@ pub struct CoreStats {
     pub sends: AtomicU64,
     /// Times a stream's socket was full and its backlog writer took over.
     pub backlogs: AtomicU64,
+    /// Publish handling time (request parsed -> answer ready to send), per bucket of
+    /// `PUBLISH_BUCKETS_US` (the last one: slower), and the sum in nanoseconds.
+    pub publish_buckets: [AtomicU64; PUBLISH_BUCKETS_US.len() + 1],
+    pub publish_ns: AtomicU64,
+}
+
+/// Upper bounds (microseconds) of the publish-time histogram buckets.
+pub const PUBLISH_BUCKETS_US: [u64; 12] = [10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000];
+
+impl CoreStats {
+    /// Counts one publish that took `took`. Only the owning core writes its counters, so a
+    /// plain load and store suffice (no locked read-modify-write on the publish path).
+    pub fn record_publish(&self, took: std::time::Duration) {
+        let us = took.as_micros() as u64;
+        let bucket = PUBLISH_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(PUBLISH_BUCKETS_US.len());
+        let add = |c: &AtomicU64, n: u64| c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        add(&self.publish_buckets[bucket], 1);
+        add(&self.publish_ns, took.as_nanos() as u64);
+    }
 }
 
 /// State shared by all threads: touched per connection or per publish, never per frame.
@@ -121,7 +140,34 @@ impl Shared {
             sum_u64(|c| &c.shed),
         );
         metric("ringcast_rss_bytes", "gauge", "Resident set size.", rss_bytes());
+        self.render_publish_histogram(&mut out);
         out
+    }
+}
+
+impl Shared {
+    /// `ringcast_publish_seconds`: time from a publish request parsed to its answer ready to
+    /// send (its nonblocking send follows at once), all cores together.
+    fn render_publish_histogram(&self, out: &mut String) {
+        let name = "ringcast_publish_seconds";
+        let _ = write!(
+            out,
+            "# HELP {name} Publish handling time on the server: request parsed to answer sent.\n# TYPE {name} histogram\n"
+        );
+        let mut cumulative = 0u64;
+        for (i, bound) in PUBLISH_BUCKETS_US.iter().map(|&us| Some(us)).chain([None]).enumerate() {
+            cumulative += self.cores.iter().map(|c| c.publish_buckets[i].load(Ordering::Relaxed)).sum::<u64>();
+            match bound {
+                Some(us) => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", us as f64 / 1e6);
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum_ns: u64 = self.cores.iter().map(|c| c.publish_ns.load(Ordering::Relaxed)).sum();
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {cumulative}", sum_ns as f64 / 1e9);
     }
 }
 

@@ -211,3 +211,29 @@ fn published_total_counts_publishes() {
     }
     server.wait_for_metric("ringcast_events_published_total", std::time::Duration::from_secs(5), |v| v == 3.0);
 }
+
+#[test]
+fn publish_time_histogram_counts_each_answered_publish() {
+    let server = Server::start(&[]);
+    for i in 0..3 {
+        server.publish("timed", &i.to_string());
+    }
+    // Two pipelined on one connection: each is timed on its own.
+    let mut conn = server.connect();
+    let mut both = support::post_request("/publish?topic=timed", Some("text/plain"), b"x");
+    both.extend(support::post_request("/publish?topic=timed", Some("text/plain"), b"y"));
+    conn.send(&both);
+    for _ in 0..2 {
+        conn.read_response().expect("pipelined answer").assert_status(200, "pipelined publish");
+    }
+    let m = server.metrics();
+    assert_eq!(support::metric(&m, "ringcast_publish_seconds_count"), 5.0, "{m:?}");
+    assert_eq!(support::metric(&m, "ringcast_publish_seconds_bucket{le=\"+Inf\"}"), 5.0);
+    let sum = support::metric(&m, "ringcast_publish_seconds_sum");
+    assert!(sum > 0.0 && sum < 5.0 * 10.0, "sum {sum}");
+    // Cumulative buckets never decrease.
+    let bounds = ["0.00001", "0.000025", "0.00005", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01"];
+    let counts: Vec<f64> =
+        bounds.iter().map(|b| support::metric(&m, &format!("ringcast_publish_seconds_bucket{{le=\"{b}\"}}"))).collect();
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+}
