@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringcast::broker::Event;
+use ringcast::event::Event;
 use ringcast::hub::{Hub, HubLimits, SlowPolicy};
 use ringcast::metrics::CoreStats;
 use ringcast::sse::{encode_event, EventId, Wire};

@@ -9,35 +9,14 @@
 //! (docs/BENCHMARKS.md §7). Ids reach every core in order because they are handed out and queued
 //! under the same lock. The `ringcast-broker` thread now only runs chores (history TTL).
 
+use crate::event::{CoreMsg, Event, EventId, Publish};
 use crate::history::{Gap, History, Replay, ReplayFrom};
 use crate::mailbox::MailboxSender;
 use crate::metrics::Shared;
-use crate::sse::{encode_event, encode_notice, EventId, Frame};
+use crate::sse::{encode_event, encode_notice, Frame};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
-
-/// A validated publish, built by the core that parsed the request.
-#[derive(Debug)]
-pub struct Publish {
-    pub topics: Vec<Box<str>>,
-    pub event: Option<Box<str>>,
-    pub data: String,
-}
-
-/// One published event as every core sees it: the frame is shared, never re-encoded.
-#[derive(Debug)]
-pub struct Event {
-    pub id: EventId,
-    pub topics: Box<[Box<str>]>,
-    pub frame: Frame,
-}
-
-pub enum CoreMsg {
-    /// Events in id order, one message per publishing batch, shared by all cores.
-    Events(Arc<[Arc<Event>]>),
-    Shutdown,
-}
 
 /// Ids `<unix-ms>-<seq>`: strictly increasing even if the wall clock steps back.
 #[derive(Default)]
@@ -62,6 +41,11 @@ impl IdClock {
     pub fn last(&self) -> EventId {
         self.last
     }
+
+    /// Later ids come after `id` (an id handed out elsewhere, by the cluster).
+    pub fn advance_to(&mut self, id: EventId) {
+        self.last = self.last.max(id);
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -76,6 +60,8 @@ pub struct Full;
 struct State {
     clock: IdClock,
     history: History,
+    /// Newest id queued from the cluster relay.
+    relayed: EventId,
 }
 
 pub struct Broker {
@@ -93,7 +79,8 @@ impl Broker {
         history: History,
         gzip_min_bytes: usize,
     ) -> Self {
-        Broker { state: Mutex::new(State { clock: IdClock::default(), history }), cores, shared, gzip_min_bytes }
+        let state = State { clock: IdClock::default(), history, relayed: EventId::default() };
+        Broker { state: Mutex::new(state), cores, shared, gzip_min_bytes }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -113,33 +100,87 @@ impl Broker {
         let now = now_ms();
         {
             let mut state = self.lock();
-            // Only publishes queue events, all under this lock: room seen here stays room.
+            // Only the broker queues events, all under this lock: room seen here stays room.
             if self.cores.iter().any(|core| core.is_full()) {
                 return Err(Full);
             }
             let mut events = Vec::with_capacity(batch.len());
             for publish in batch.drain(..) {
                 let id = state.clock.next_at(now);
-                let mut frame = encode_event(id, publish.event.as_deref(), &publish.data);
-                if gzip {
-                    frame = frame.with_gzip(self.gzip_min_bytes);
-                }
-                let event = Arc::new(Event { id, topics: publish.topics.into_boxed_slice(), frame });
-                state.history.record(&event);
                 ids.push(id);
-                events.push(event);
+                events.push(self.event(id, publish, gzip));
             }
-            self.shared.events_published.fetch_add(events.len() as u64, Ordering::Relaxed);
-            let events: Arc<[Arc<Event>]> = events.into();
-            for core in &self.cores {
-                let _ = core.try_push(CoreMsg::Events(events.clone()));
-            }
+            self.queue(&mut state, events);
         }
-        // Outside the lock: a wake of a parked core is a syscall.
+        self.notify();
+        Ok(())
+    }
+
+    /// Queues events numbered by the cluster (the Redis relay), in their id order. Those not
+    /// newer than the last one queued from there are dropped: a backfill that overlaps the live
+    /// relay delivers nothing twice. Local ids continue after the newest cluster id.
+    pub fn deliver(&self, batch: &mut Vec<(EventId, Publish)>) -> Result<(), Full> {
+        let gzip = self.shared.any_gzip();
+        {
+            let mut state = self.lock();
+            if self.cores.iter().any(|core| core.is_full()) {
+                return Err(Full);
+            }
+            let mut events = Vec::with_capacity(batch.len());
+            for (id, publish) in batch.drain(..) {
+                if id <= state.relayed {
+                    continue;
+                }
+                state.relayed = id;
+                state.clock.advance_to(id);
+                events.push(self.event(id, publish, gzip));
+            }
+            if events.is_empty() {
+                return Ok(());
+            }
+            self.queue(&mut state, events);
+        }
+        self.notify();
+        Ok(())
+    }
+
+    /// Takes `id` as delivered from the cluster (a node that starts takes the events after it).
+    pub fn mark_relayed(&self, id: EventId) {
+        let mut state = self.lock();
+        state.relayed = state.relayed.max(id);
+        state.clock.advance_to(id);
+    }
+
+    /// The newest id queued from the cluster relay (ids after it are still to come).
+    pub fn relayed(&self) -> EventId {
+        self.lock().relayed
+    }
+
+    fn event(&self, id: EventId, publish: Publish, gzip: bool) -> Arc<Event> {
+        let mut frame = encode_event(id, publish.event.as_deref(), &publish.data);
+        if gzip {
+            frame = frame.with_gzip(self.gzip_min_bytes);
+        }
+        Arc::new(Event { id, topics: publish.topics.into_boxed_slice(), frame })
+    }
+
+    /// Retains `events` and hands them to every core as one message (under the lock).
+    fn queue(&self, state: &mut State, events: Vec<Arc<Event>>) {
+        for event in &events {
+            state.history.record(event);
+        }
+        self.shared.events_published.fetch_add(events.len() as u64, Ordering::Relaxed);
+        let events: Arc<[Arc<Event>]> = events.into();
+        for core in &self.cores {
+            let _ = core.try_push(CoreMsg::Events(events.clone()));
+        }
+    }
+
+    /// Wakes every core (outside the lock: a wake of a parked core is a syscall).
+    fn notify(&self) {
         for core in &self.cores {
             core.notify();
         }
-        Ok(())
     }
 
     /// What a new stream on `topics` missed (a gap notice, retained events, the end marker),

@@ -121,6 +121,16 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_SPIN", default_value = "0", value_parser = parse_duration)]
     pub spin: Duration,
 
+    /// Redis for several nodes (`redis://host:port/db`): cluster-wide ids and history, events
+    /// relayed between nodes, `FCALL ringcast_publish` for other services. Without it the node
+    /// runs alone.
+    #[arg(long, env = "RINGCAST_REDIS")]
+    pub redis: Option<String>,
+
+    /// This node's name in logs, `/health` and `/metrics`; default: host name and process id.
+    #[arg(long, env = "RINGCAST_NODE_ID")]
+    pub node_id: Option<String>,
+
     /// Longest SIGTERM/SIGINT drain before the process exits anyway.
     #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -148,7 +158,7 @@ impl Config {
     }
 }
 
-/// `250ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
+/// `50us`, `250ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
@@ -156,10 +166,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let value: f64 = number.parse().map_err(|_| format!("bad duration {text:?}"))?;
     let secs = match unit.trim() {
         "" | "s" => value,
+        "us" | "µs" => value / 1e6,
         "ms" => value / 1000.0,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("bad duration unit in {text:?} (use ms, s, m or h)")),
+        _ => return Err(format!("bad duration unit in {text:?} (use us, ms, s, m or h)")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("bad duration {text:?}"));
@@ -174,6 +185,7 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("50us").unwrap(), Duration::from_micros(50));
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));

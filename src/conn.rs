@@ -1,15 +1,15 @@
 //! One connection: read requests (pipelined, keep-alive), route them, or become an event stream.
 
-use crate::broker::{Full, Publish};
+use crate::broker::Full;
+use crate::event::{EventId, Publish, StreamKey};
 use crate::gzip;
 use crate::history::ReplayFrom;
 use crate::http::{
     parse_request, put_chunk, write_response, write_stream_head, BodyKind, ChunkedDecoder, HttpError, Method, Request,
 };
-use crate::hub::StreamKey;
 use crate::metrics::Shared;
 use crate::publish::{parse_publish, validate_topics};
-use crate::sse::{retry_frame, EventId, Wire, LAST_CHUNK, OPENING_SSE};
+use crate::sse::{retry_frame, Wire, LAST_CHUNK, OPENING_SSE};
 use crate::worker::Worker;
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
@@ -145,29 +145,61 @@ impl Pending {
     }
 }
 
-/// Publishes what is pending and writes the answers, in request order, into `out`. While some
-/// core's mailbox is full the publishers wait (back-pressure); false when it stayed full for
+/// Publishes what is pending and writes the answers, in request order, into `out`. With
+/// Redis the ids come from the cluster (one pipelined round trip for every batch waiting);
+/// without it, or while Redis is unreachable, from this node (answered `"degraded": true`).
+/// While some queue is full the publishers wait (back-pressure); false when it stayed full for
 /// --header-timeout: they got one 503 and the connection must close.
 async fn resolve(worker: &Worker, pending: &mut Pending, out: &mut Vec<u8>) -> bool {
     if pending.is_empty() {
         return true;
     }
     let deadline = Instant::now() + worker.cfg.header_timeout;
+    let mut degraded = false;
+    if let Some(cluster) = worker.shared.cluster.get() {
+        degraded = true;
+        while cluster.up() {
+            match cluster.submit(std::mem::take(&mut pending.publishes)) {
+                Ok(reply) => {
+                    match reply.wait().await {
+                        Ok(ids) => {
+                            pending.ids = ids;
+                            degraded = false;
+                        }
+                        Err(back) => pending.publishes = back,
+                    }
+                    break;
+                }
+                Err(back) => pending.publishes = back,
+            }
+            if Instant::now() >= deadline {
+                return busy(pending, out);
+            }
+            monoio::time::sleep(FULL_RETRY).await;
+        }
+    }
     while let Err(Full) = worker.broker.publish(&mut pending.publishes, &mut pending.ids) {
         if Instant::now() >= deadline {
-            pending.publishes.clear();
-            pending.answers.clear();
-            HttpError::Unavailable.write_response(out);
-            return false;
+            return busy(pending, out);
         }
         monoio::time::sleep(FULL_RETRY).await;
     }
     for (id, (keep_alive, parsed)) in pending.ids.drain(..).zip(pending.answers.drain(..)) {
-        let json = format!("{{\"id\":\"{id}\"}}");
+        let json =
+            if degraded { format!("{{\"id\":\"{id}\",\"degraded\":true}}") } else { format!("{{\"id\":\"{id}\"}}") };
         write_response(out, 200, "OK", "application/json", json.as_bytes(), keep_alive);
         worker.stats().record_publish(parsed.elapsed());
     }
     true
+}
+
+/// The publishers waited too long for room: one 503 for them all; the connection closes.
+fn busy(pending: &mut Pending, out: &mut Vec<u8>) -> bool {
+    pending.publishes.clear();
+    pending.answers.clear();
+    pending.ids.clear();
+    HttpError::Unavailable.write_response(out);
+    false
 }
 
 /// Answers what is pending, then the error, and closes.
@@ -287,7 +319,8 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, coun
                 return stream_events(worker, stream, req, out, count).await;
             }
             ("/health", Method::Get) => {
-                write_response(&mut out, 200, "OK", "application/json", b"{\"status\":\"ok\"}", keep_alive)
+                let health = worker.shared.health();
+                write_response(&mut out, 200, "OK", "application/json", health.as_bytes(), keep_alive)
             }
             ("/metrics", Method::Get) => {
                 let text = worker.shared.render();

@@ -1,8 +1,7 @@
-//! Retained events per topic (owned by the broker thread): resume after an id, replay the
+//! Retained events per topic (held by the broker, under its lock): resume after an id, replay the
 //! last N, and tell a client when it cannot be vouched for (the gap signal).
 
-use crate::broker::Event;
-use crate::sse::EventId;
+use crate::event::{Event, EventId};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 

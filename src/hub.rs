@@ -1,11 +1,11 @@
 //! Per-core subscriber table: a slab of streams, the topic index, and local fan-out.
 
-use crate::broker::Event;
+use crate::event::{Event, EventId, StreamKey};
 use crate::frames::{FrameBatch, MAX_IOVECS};
 use crate::gzip::HEARTBEAT_GZIP;
 use crate::metrics::CoreStats;
 use crate::sender::BatchSender;
-use crate::sse::{EventId, Frame, Wire, HEARTBEAT_CHUNK, HEARTBEAT_RAW, LAST_CHUNK};
+use crate::sse::{Frame, Wire, HEARTBEAT_CHUNK, HEARTBEAT_RAW, LAST_CHUNK};
 use bytes::Bytes;
 use monoio::io::{AsyncWriteRent, OwnedWriteHalf};
 use monoio::net::TcpStream;
@@ -85,13 +85,6 @@ enum Queued {
     Dropped,
     /// The stream is closing; nothing queued.
     Closed,
-}
-
-/// Identifies one stream: slab key plus the id that guards against key reuse.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StreamKey {
-    pub key: usize,
-    pub id: u64,
 }
 
 pub struct Hub {
@@ -763,7 +756,7 @@ fn local_frame(frame: &Frame) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sse::{encode_event, EventId};
+    use crate::sse::encode_event;
     use std::sync::Arc;
 
     fn event(seq: u64, topics: &[&str], data: &str) -> Arc<Event> {

@@ -2,8 +2,10 @@
 //!
 //! Layout (one line per module, what it owns):
 //! - `config`   every flag and env var, with defaults and their reasons
-//! - `server`   start-up and shutdown: broker and core threads, signals, drain
-//! - `worker`   one core: monoio runtime, SO_REUSEPORT listener, accept, heartbeat, mailbox loop
+//! - `server`   start-up and shutdown: the broker, its chores thread, core threads, signals, drain
+//! - `runtime`  one core's thread: monoio runtime, SO_REUSEPORT listener, accept, heartbeat,
+//!   the mailbox loop (sliced fan-out), drain
+//! - `worker`   what one core's tasks share: config, counters, hub, broker handle, slicing
 //! - `conn`     one connection: requests (pipelined, keep-alive), routing, stream writer
 //! - `http`     request parsing (httparse), chunked bodies, response heads, status mapping
 //! - `publish`  `POST /publish` bodies (raw, JSON, form) and topic validation
@@ -12,14 +14,20 @@
 //! - `gzip`     gzip streams: one shared deflate segment per event, stored blocks for small ones
 //! - `sender`   batched stream sends: one io_uring SENDMSG per stream, a flush per submit
 //! - `frames`   zero-copy vectored writes of shared frames (`FrameBatch`)
-//! - `mailbox`  broker -> core channel with a coalesced cross-thread wake-up
-//! - `broker`   the broker thread: event ids, encoding, fan-out to cores
+//! - `mailbox`  events -> one core, a channel with a coalesced cross-thread wake-up
+//! - `broker`   event ids, history, each frame encoded once, hand-off to every core; shared
+//!   state under one short lock, run by the core that parsed the publish
+//! - `cluster`  several nodes through Redis: the Redis Function, pipelined FCALLs, the relay
 //! - `history`  retained events per topic: resume after an id, last N, the gap signal
 //! - `metrics`  process-wide counters and `/metrics` text
+//! - `event`    the shared vocabulary: an event and its id, a publish, a stream's key, core
+//!   messages (below every module on the publish path, so imports run one way)
 
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod event;
 pub mod frames;
 pub mod gzip;
 pub mod history;
@@ -28,6 +36,7 @@ pub mod hub;
 pub mod mailbox;
 pub mod metrics;
 pub mod publish;
+pub mod runtime;
 pub mod sender;
 pub mod server;
 pub mod sse;

@@ -41,23 +41,37 @@ impl CoreStats {
 
 /// State shared by all threads: touched per connection or per publish, never per frame.
 pub struct Shared {
+    pub node_id: String,
+    /// The link to Redis (`--redis`), set once at start.
+    pub cluster: std::sync::OnceLock<std::sync::Arc<crate::cluster::Cluster>>,
     pub connections: AtomicUsize,
     pub max_connections: usize,
     pub events_published: AtomicU64,
-    /// Written by the broker once a second.
+    /// Written by the broker's chores thread once a second.
     pub retained_events: AtomicUsize,
     pub cores: Vec<CoreStats>,
 }
 
 impl Shared {
-    pub fn new(cores: usize, max_connections: usize) -> Self {
+    pub fn new(cores: usize, max_connections: usize, node_id: String) -> Self {
         Shared {
+            node_id,
+            cluster: std::sync::OnceLock::new(),
             connections: AtomicUsize::new(0),
             max_connections,
             events_published: AtomicU64::new(0),
             retained_events: AtomicUsize::new(0),
             cores: (0..cores).map(|_| CoreStats::default()).collect(),
         }
+    }
+
+    /// `/health`: serving alone (`ok`), or with Redis configured and unreachable (`degraded`).
+    pub fn health(&self) -> String {
+        let status = match self.cluster.get() {
+            Some(cluster) if !cluster.up() => "degraded",
+            _ => "ok",
+        };
+        serde_json::json!({ "status": status, "node": self.node_id }).to_string()
     }
 
     /// Whether any core has a gzip stream (the broker then compresses new frames once).
@@ -140,6 +154,20 @@ impl Shared {
             sum_u64(|c| &c.shed),
         );
         metric("ringcast_rss_bytes", "gauge", "Resident set size.", rss_bytes());
+        if let Some(cluster) = self.cluster.get() {
+            metric("ringcast_redis_up", "gauge", "1 when both Redis connections are up.", u64::from(cluster.up()));
+            metric(
+                "ringcast_redis_reconnects_total",
+                "counter",
+                "Times a Redis connection was lost.",
+                cluster.reconnects.load(Ordering::Relaxed),
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP ringcast_node_info This node's name.\n# TYPE ringcast_node_info gauge\nringcast_node_info{{node=\"{}\"}} 1\n",
+            self.node_id.replace(['\\', '"', '\n'], "_")
+        );
         self.render_publish_histogram(&mut out);
         out
     }

@@ -1,6 +1,6 @@
 //! `POST /publish` bodies: raw (with `?topic=&event=`), JSON, and form-urlencoded.
 
-use crate::broker::Publish;
+use crate::event::Publish;
 use crate::http::HttpError;
 use crate::sse::{valid_event_name, valid_topic};
 

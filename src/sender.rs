@@ -12,7 +12,7 @@
 //! are not touched meanwhile, and a full socket goes to the stream's backlog writer exactly as
 //! with `sendmsg(2)`.
 
-use crate::hub::StreamKey;
+use crate::event::StreamKey;
 use io_uring::{opcode, types, IoUring};
 use std::os::fd::RawFd;
 

@@ -1,12 +1,14 @@
 //! Start-up and shutdown: the broker, its chores thread and the core threads, the listening
 //! address, signals, drain.
 
-use crate::broker::{Broker, CoreMsg, IdClock};
+use crate::broker::{Broker, IdClock};
+use crate::cluster::RetentionConfig;
 use crate::config::Config;
+use crate::event::CoreMsg;
 use crate::history::History;
 use crate::mailbox::{mailbox, MailboxSender};
 use crate::metrics::Shared;
-use crate::worker::{spawn_core, CoreStart};
+use crate::runtime::{spawn_core, CoreStart};
 use std::io::{self, Write};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -15,6 +17,8 @@ use std::time::Duration;
 /// core falls this far behind, publishers wait (back-pressure, then 503). A core takes only
 /// --batch-max events per pass over its streams, so a burst waits here: this bounds it.
 const CORE_QUEUE: usize = 1 << 12;
+/// Events Redis keeps in the stream of every event (for nodes catching up after a reconnect).
+const REDIS_ALL_MAX: usize = 100_000;
 /// How often retained events are checked against --history-ttl.
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// File descriptors kept free for answering over-limit clients and for the process itself.
@@ -27,13 +31,25 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let nofile = raise_nofile_limit();
     let cores = cfg.core_count();
     let max_connections = cfg.max_connections.unwrap_or(nofile.saturating_sub(FD_RESERVE).max(16));
-    let shared = Arc::new(Shared::new(cores, max_connections));
+    let node_id = cfg.node_id.clone().unwrap_or_else(crate::cluster::default_node_id);
+    let shared = Arc::new(Shared::new(cores, max_connections, node_id.clone()));
     let cfg = Arc::new(cfg);
 
     let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();
     let first_id = IdClock::default().next_id();
     let history = History::new(cfg.history, cfg.history_max_entries, cfg.history_ttl.as_millis() as u64, first_id);
     let broker = Arc::new(Broker::new(senders, shared.clone(), history, cfg.gzip_min_bytes));
+    let mut redis_threads = Vec::new();
+    if let Some(url) = &cfg.redis {
+        let retention = RetentionConfig {
+            per_topic: cfg.history,
+            ttl_ms: cfg.history_ttl.as_millis() as u64,
+            all: cfg.history_max_entries.min(REDIS_ALL_MAX),
+        };
+        let (cluster, threads) = crate::cluster::start(url, node_id.clone(), retention, broker.clone())?;
+        let _ = shared.cluster.set(cluster);
+        redis_threads = threads;
+    }
     let (stop_chores, chores_stopped) = mpsc::channel::<()>();
     let chores = {
         let broker = broker.clone();
@@ -60,9 +76,10 @@ pub fn run(cfg: Config) -> io::Result<()> {
     println!("ringcast listening on {addr}");
     io::stdout().flush()?;
     log::info!(
-        "{cores} core(s), max {max_connections} connections, heartbeat {:?}, driver {:?}",
+        "node {node_id}: {cores} core(s), max {max_connections} connections, heartbeat {:?}, driver {:?}, {}",
         cfg.heartbeat,
-        cfg.driver
+        cfg.driver,
+        if cfg.redis.is_some() { "Redis cluster" } else { "alone (no --redis)" }
     );
 
     let signal = wait_for_signal(&signals);
@@ -73,6 +90,12 @@ pub fn run(cfg: Config) -> io::Result<()> {
     }
     drop(stop_chores);
     let _ = chores.join();
+    if let Some(cluster) = shared.cluster.get() {
+        cluster.stop();
+    }
+    for thread in redis_threads {
+        let _ = thread.join();
+    }
     log::info!("drained; exiting");
     Ok(())
 }

@@ -1,30 +1,18 @@
-//! One worker thread: its own monoio runtime, SO_REUSEPORT listener, accept loop, heartbeat
-//! timer, and the mailbox loop that fans broker events out to this core's streams.
+//! What one core's tasks share (never across threads): its config and counters, its hub of
+//! streams, the broker handle, the drain flag, and how it slices long fan-outs.
 
-use crate::broker::{Broker, CoreMsg, Event};
-use crate::config::{Config, DriverChoice};
-use crate::conn;
+use crate::broker::Broker;
+use crate::config::Config;
 use crate::hub::{Hub, HubLimits};
-use crate::mailbox::MailboxReceiver;
 use crate::metrics::{CoreStats, Shared};
-use crate::sender::{BatchSender, SendChoice};
-use crate::sse::retry_frame;
-use monoio::io::Canceller;
-use monoio::net::{ListenerOpts, TcpListener};
-use monoio::time::{Instant, MissedTickBehavior, TimeDriver};
-use monoio::{FusionRuntime, IoUringDriver, LegacyDriver, RuntimeBuilder};
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
-use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Once};
-use std::task::Poll;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Deliveries queued (events x their streams) before the core sends a slice and lets its other
 /// tasks run: queueing costs 10-30 ns a delivery, so this is well under 100 us.
-const ENQUEUE_SLICE: usize = 2048;
+pub const ENQUEUE_SLICE: usize = 2048;
 /// What one slice of sends should take. Between slices the core answers publishers, accepts
 /// and reads (monoio reaps io_uring completions only between task rounds): with publishers
 /// that wait for each answer, the slice is their round trip, and the shorter it is the more
@@ -35,13 +23,6 @@ const SLICE_TARGET: Duration = Duration::from_micros(50);
 /// Bounds of the adaptive slice, in streams.
 const SLICE_MIN: usize = 4;
 const SLICE_MAX: usize = 1024;
-/// Pause after accept fails for lack of file descriptors (EMFILE returns at once, forever).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
-/// Listen backlog: connection storms (reconnects after a restart) queue here.
-const BACKLOG: i32 = 4096;
-
-type Runtime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
-
 /// Per-core state shared by this core's tasks (never across threads).
 pub struct Worker {
     pub index: usize,
@@ -56,6 +37,26 @@ pub struct Worker {
 }
 
 impl Worker {
+    pub fn new(index: usize, cfg: Arc<Config>, shared: Arc<Shared>, broker: Arc<Broker>) -> Rc<Worker> {
+        let seed = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        Rc::new(Worker {
+            index,
+            hub: Hub::new(HubLimits {
+                max_queued: cfg.max_queued_bytes,
+                slow: cfg.slow_consumer,
+                windowed: !cfg.batch_window.is_zero(),
+                batch_max: cfg.batch_max.max(1),
+            }),
+            cfg,
+            shared,
+            broker,
+            draining: Cell::new(false),
+            rng: Cell::new(seed | 1),
+            slice: Cell::new(16),
+        })
+    }
+
     pub fn stats(&self) -> &CoreStats {
         &self.shared.cores[self.index]
     }
@@ -71,7 +72,7 @@ impl Worker {
     }
 
     /// Sends one slice of what is pending; true when more remains.
-    fn flush_slice(&self) -> bool {
+    pub fn flush_slice(&self) -> bool {
         let mut hub = self.hub.borrow_mut();
         let streams = self.slice.get();
         let started = std::time::Instant::now();
@@ -86,269 +87,5 @@ impl Worker {
         }
         hub.publish_io_counts(self.stats());
         more
-    }
-}
-
-/// Lets every other ready task run once. monoio 0.2.4 has no `yield_now`, and a task that
-/// wakes itself during its own poll is put at the front of the queue (it would starve the
-/// others), so the wake comes from a freshly spawned task instead, which runs at the back.
-async fn yield_now() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            return Poll::Ready(());
-        }
-        yielded = true;
-        let waker = cx.waker().clone();
-        monoio::spawn(async move { waker.wake() });
-        Poll::Pending
-    })
-    .await
-}
-
-/// `--spin`: before the core sleeps, keep running its other tasks and looking at the mailbox
-/// for a while, so an event or request that comes soon finds the core awake (no cross-CPU
-/// wake-up). Each turn goes through the runtime, which submits and reaps io_uring work
-/// (monoio's "cold path"), so sockets are served while spinning. Costs CPU while idle.
-async fn spin(mailbox: &MailboxReceiver<CoreMsg>, period: Duration) {
-    let until = std::time::Instant::now() + period;
-    while mailbox.is_empty() && std::time::Instant::now() < until {
-        yield_now().await;
-    }
-}
-
-static FALLBACK_LOGGED: Once = Once::new();
-
-/// Builds the runtime for `--driver`; `auto` tries io_uring, then epoll.
-/// (monoio's FusionDriver does not fall back when io_uring fails to build, so this does.)
-fn build_runtime(choice: DriverChoice, entries: u32) -> std::io::Result<(Runtime, &'static str)> {
-    let uring =
-        || RuntimeBuilder::<IoUringDriver>::new().with_entries(entries).enable_timer().build().map(Runtime::from);
-    let epoll = || RuntimeBuilder::<LegacyDriver>::new().enable_timer().build().map(Runtime::from);
-    match choice {
-        DriverChoice::Uring => uring().map(|rt| (rt, "io_uring")),
-        DriverChoice::Epoll => epoll().map(|rt| (rt, "epoll")),
-        DriverChoice::Auto => match uring() {
-            Ok(rt) => Ok((rt, "io_uring")),
-            Err(e) => {
-                FALLBACK_LOGGED.call_once(|| log::warn!("io_uring unavailable ({e}); falling back to epoll"));
-                epoll().map(|rt| (rt, "epoll"))
-            }
-        },
-    }
-}
-
-/// Everything one core needs at start.
-pub struct CoreStart {
-    pub index: usize,
-    pub cfg: Arc<Config>,
-    pub shared: Arc<Shared>,
-    pub broker: Arc<Broker>,
-    pub mailbox: MailboxReceiver<CoreMsg>,
-    pub addr: SocketAddr,
-    /// Reports the bound address (or the error) once the listener is up.
-    pub ready: mpsc::Sender<std::io::Result<SocketAddr>>,
-}
-
-pub fn spawn_core(start: CoreStart) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name(format!("ringcast-core-{}", start.index)).spawn(move || run_thread(start))
-}
-
-fn run_thread(start: CoreStart) {
-    if start.cfg.pin_cores {
-        if let Err(e) = monoio::utils::bind_to_cpu_set([start.index]) {
-            log::warn!("core {}: could not pin to CPU {}: {e}", start.index, start.index);
-        }
-    }
-    let (mut rt, driver) = match build_runtime(start.cfg.driver, start.cfg.uring_entries) {
-        Ok(built) => built,
-        Err(e) => {
-            let why = format!("cannot start the {:?} I/O driver: {e}", start.cfg.driver);
-            let _ = start.ready.send(Err(std::io::Error::new(e.kind(), why)));
-            return;
-        }
-    };
-    if start.index == 0 {
-        log::info!("I/O driver: {driver}");
-    }
-    rt.block_on(async move {
-        let opts = ListenerOpts::new().reuse_port(true).backlog(BACKLOG);
-        let listener = match TcpListener::bind_with_config(start.addr, &opts) {
-            Ok(l) => l,
-            Err(e) => {
-                let why = format!("cannot listen on {}: {e}", start.addr);
-                let _ = start.ready.send(Err(std::io::Error::new(e.kind(), why)));
-                return;
-            }
-        };
-        let sender = match (start.cfg.send, driver) {
-            (SendChoice::Sendmsg, _) | (SendChoice::Auto, "epoll") => None,
-            (choice, _) => match BatchSender::new() {
-                Ok(s) => Some(s),
-                Err(e) if choice == SendChoice::Auto => {
-                    log::warn!("core {}: io_uring send ring: {e}; sending with sendmsg", start.index);
-                    None
-                }
-                Err(e) => {
-                    let why = format!("--send uring: cannot build the io_uring send ring: {e}");
-                    let _ = start.ready.send(Err(std::io::Error::new(e.kind(), why)));
-                    return;
-                }
-            },
-        };
-        if start.index == 0 {
-            log::info!("stream sends: {}", if sender.is_some() { "io_uring batches" } else { "sendmsg" });
-        }
-        let _ = start.ready.send(listener.local_addr());
-        let seed = (start.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-        let worker = Rc::new(Worker {
-            index: start.index,
-            hub: Hub::new(HubLimits {
-                max_queued: start.cfg.max_queued_bytes,
-                slow: start.cfg.slow_consumer,
-                windowed: !start.cfg.batch_window.is_zero(),
-                batch_max: start.cfg.batch_max.max(1),
-            }),
-            cfg: start.cfg,
-            shared: start.shared,
-            broker: start.broker,
-            draining: Cell::new(false),
-            rng: Cell::new(seed | 1),
-            slice: Cell::new(16),
-        });
-        if let Some(sender) = sender {
-            worker.hub.borrow_mut().set_sender(sender);
-        }
-        run_core(worker, listener, start.mailbox).await;
-    });
-}
-
-async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxReceiver<CoreMsg>) {
-    let canceller = Canceller::new();
-    let accept = monoio::spawn(accept_loop(worker.clone(), listener, canceller.handle()));
-    monoio::spawn(heartbeat_loop(worker.clone()));
-    if !worker.cfg.batch_window.is_zero() {
-        monoio::spawn(batch_window_loop(worker.clone()));
-    }
-
-    // Events taken from the mailbox since the streams were last all sent. While a pass over the
-    // dirty streams is under way, at most `--batch-max` of them are taken: later ones wait in
-    // the mailbox (a pointer each, shared by all cores) rather than on every stream's queue
-    // (40 bytes per stream each), so a burst costs memory per event, not per delivery; a full
-    // mailbox holds publishers back (see `Broker::publish`).
-    let pass_limit = worker.cfg.batch_max.max(1);
-    let mut pass_events = 0;
-    // A batch taken from the mailbox and how far into it this core has got.
-    let mut taken: Option<(Arc<[Arc<Event>]>, usize)> = None;
-    loop {
-        if taken.is_none() && worker.hub.borrow().flushed() {
-            pass_events = 0;
-            if !worker.cfg.spin.is_zero() {
-                spin(&mailbox, worker.cfg.spin).await;
-            }
-            mailbox.ready().await;
-        }
-        let mut work = 0;
-        while work < ENQUEUE_SLICE {
-            let (events, next) = match taken.take() {
-                Some(batch) => batch,
-                None if pass_events >= pass_limit => break,
-                None => match mailbox.try_recv() {
-                    Some(CoreMsg::Events(events)) => {
-                        pass_events += events.len();
-                        (events, 0)
-                    }
-                    Some(CoreMsg::Shutdown) => return drain(worker, canceller, accept).await,
-                    None => break,
-                },
-            };
-            let mut hub = worker.hub.borrow_mut();
-            let mut i = next;
-            while i < events.len() && work < ENQUEUE_SLICE {
-                work += 1 + hub.publish(&events[i], worker.stats());
-                i += 1;
-            }
-            if i < events.len() {
-                taken = Some((events, i));
-            }
-        }
-        let more = worker.flush_slice();
-        if more || taken.is_some() || work >= ENQUEUE_SLICE {
-            // A slice of a long fan-out is done: let requests (publishers waiting for their
-            // answers), accepts and timers run, then take what the mailbox got meanwhile
-            // before the next slice. Events published meanwhile join the sends still pending
-            // in this pass: that is what batches waiting publishers' events.
-            yield_now().await;
-        }
-    }
-}
-
-/// Drain: stop accepting, tell every stream when to come back, close, and leave in time.
-async fn drain(worker: Rc<Worker>, canceller: Canceller, accept: monoio::task::JoinHandle<()>) {
-    worker.draining.set(true);
-    let _ = canceller.cancel();
-    let _ = accept.await;
-    worker.hub.borrow_mut().close_all(|| retry_frame(worker.jitter(1000, 5000)));
-    let deadline = Instant::now() + worker.cfg.drain_timeout;
-    while worker.hub.borrow().subscribers() > 0 && Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(5)).await;
-    }
-    worker.hub.borrow_mut().kill_all();
-}
-
-async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::io::CancelHandle) {
-    loop {
-        match listener.cancelable_accept(cancel.clone()).await {
-            Ok((stream, _peer)) => {
-                if worker.draining.get() {
-                    break; // dropping the stream closes it: no fd leaks on a late accept
-                }
-                let _ = stream.set_nodelay(true);
-                let open = worker.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
-                let over_limit = open > worker.shared.max_connections;
-                monoio::spawn(conn::serve_guarded(worker.clone(), stream, over_limit));
-            }
-            Err(_) if worker.draining.get() => break,
-            Err(e) => match e.raw_os_error() {
-                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                    log::warn!("accept: {e}; pausing {ACCEPT_BACKOFF:?}");
-                    monoio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-                _ => log::debug!("accept: {e}"),
-            },
-        }
-    }
-}
-
-/// One timer per core: streams that got frames wait out the window, then write together.
-async fn batch_window_loop(worker: Rc<Worker>) {
-    loop {
-        poll_fn(|cx| worker.hub.borrow_mut().poll_held(cx)).await;
-        monoio::time::sleep(worker.cfg.batch_window).await;
-        worker.hub.borrow_mut().release_held();
-        flush_in_slices(&worker).await;
-    }
-}
-
-async fn heartbeat_loop(worker: Rc<Worker>) {
-    let period = worker.cfg.heartbeat.max(Duration::from_millis(1));
-    let mut ticks = monoio::time::interval_at(Instant::now() + period, period);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    loop {
-        ticks.tick().await;
-        if worker.draining.get() {
-            return;
-        }
-        worker.hub.borrow_mut().heartbeat(worker.stats());
-        flush_in_slices(&worker).await;
-    }
-}
-
-/// Sends what every dirty stream has, a slice at a time, letting the core's other tasks run
-/// between slices (as the mailbox loop does).
-async fn flush_in_slices(worker: &Rc<Worker>) {
-    while worker.flush_slice() {
-        yield_now().await;
     }
 }

@@ -3,8 +3,22 @@
 # the fan-out floor (../shared/fanout-floor) in the same session. Prints JSON lines to
 # $OUT (default /tmp/ringcast-bench) and a summary table on stdout.
 #
-#   loadtest/bench/run.sh [scenario...]     scenarios: rate1k rate10k burst idle (default: all)
+#   loadtest/bench/run.sh [scenario...]     default: rate1k rate10k burst idle
 #   SERVERS=ringcast CORES=2 OUT=/tmp/x loadtest/bench/run.sh burst
+#   SERVERS="before ringcast spin nchan" BEFORE_BIN=/tmp/ringcast-old loadtest/bench/run.sh burst1 light
+#
+# Scenarios: publishers that do not wait (open-loop rates, pipelined bursts) and publishers that
+# wait for each answer before the next (wrk, curl loops, most HTTP clients):
+#   rate1k   1,000 subscribers, 500 events/s open-loop (2 connections, up to 1,000 in flight)
+#   rate10k  10,000 subscribers, 100 events/s open-loop
+#   burst    1,000 subscribers, 5,000 events, 4 connections pipelining 32 requests each
+#   burst1   the same burst, each publisher waiting for every answer (--pipeline 1)
+#   rate1kw  1,000 subscribers, 500 events/s from 4 connections, one request in flight each
+#   rate10kw 10,000 subscribers, 100 events/s from 4 connections, one request in flight each
+#   light    10 subscribers, 100 events/s from one waiting publisher (light-load latency)
+#   idle     19,900 idle subscribers (memory per connection)
+# Servers: ringcast (this tree), spin (this tree with --spin 50us), before ($BEFORE_BIN: a
+# ringcast binary built from an earlier commit), nchan (nginx + nchan).
 #
 # Needs: nginx with libnginx-mod-nchan (apt-get install -y libnginx-mod-nchan), release builds.
 set -euo pipefail
@@ -26,13 +40,27 @@ args_for() {
     rate1k) echo "-c 1000 --rate 500 -d 10s -p 2" ;;
     rate10k) echo "-c 10000 --rate 100 -d 10s -p 2" ;;
     burst) echo "-c 1000 --burst 5000 -p 4 --pipeline 32" ;;
+    burst1) echo "-c 1000 --burst 5000 -p 4 --pipeline 1" ;;
+    rate1kw) echo "-c 1000 --rate 500 -d 10s -p 4 --max-in-flight 1" ;;
+    rate10kw) echo "-c 10000 --rate 100 -d 10s -p 4 --max-in-flight 1" ;;
+    light) echo "-c 10 --rate 100 -d 10s -p 1 --max-in-flight 1" ;;
     idle) echo "-c 19900 --burst 10 --max-per-process 10000" ;;
   esac
 }
 
-start_ringcast() {
-  "$ROOT/target/release/ringcast" --listen "127.0.0.1:$RC_PORT" --cores "$CORES" --max-connections 19980 \
-    --log-level warn >"$OUT/ringcast.out" 2>"$OUT/ringcast.err" &
+port_free() { # port: a leftover server on it would share the traffic (SO_REUSEPORT)
+  if ss -Hltn "sport = :$1" | grep -q .; then
+    echo "port $1 is already in use (a leftover server?): stop it first" >&2
+    exit 1
+  fi
+}
+
+start_ringcast() { # binary [extra flags...]
+  local bin=$1
+  shift
+  port_free "$RC_PORT"
+  "$bin" --listen "127.0.0.1:$RC_PORT" --cores "$CORES" --max-connections 19980 \
+    --log-level warn "$@" >"$OUT/ringcast.out" 2>"$OUT/ringcast.err" &
   RC_PID=$!
   for _ in $(seq 100); do grep -q listening "$OUT/ringcast.out" 2>/dev/null && return; sleep 0.05; done
   echo "ringcast did not start" >&2; exit 1
@@ -40,6 +68,7 @@ start_ringcast() {
 
 start_nchan() {
   local dir="$OUT/nchan"
+  port_free "$NC_PORT"
   rm -rf "$dir"; mkdir -p "$dir/tmp"
   sed "s/__PORT__/$NC_PORT/; s/^worker_processes 2;/worker_processes $CORES;/" loadtest/bench/nchan.conf >"$dir/nginx.conf"
   nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' 2>"$OUT/nchan.err" &
@@ -54,15 +83,21 @@ start_nchan() {
 
 run_one() { # server scenario
   local server=$1 scenario=$2 out="$OUT/$1-$2.json" url pids extra=()
-  if [ "$server" = ringcast ]; then
-    start_ringcast; url="http://127.0.0.1:$RC_PORT"; pids=$RC_PID
+  if [ "$server" != nchan ]; then
+    case "$server" in
+      ringcast) start_ringcast "$ROOT/target/release/ringcast" ;;
+      spin) start_ringcast "$ROOT/target/release/ringcast" --spin 50us ;;
+      before) start_ringcast "${BEFORE_BIN:?set BEFORE_BIN to an earlier ringcast binary}" ;;
+      *) echo "unknown server $server" >&2; exit 1 ;;
+    esac
+    url="http://127.0.0.1:$RC_PORT"; pids=$RC_PID
   else
     start_nchan; url="http://127.0.0.1:$NC_PORT"; pids=$NC_WORKERS
     extra=(--sub-path '/sub/{topic}' --pub-path '/pub/{topic}')
   fi
   # shellcheck disable=SC2046
   "$LT" "$url" $(args_for "$scenario") "${extra[@]}" --server-pid "$pids" --json -q >"$out" || true
-  if [ "$server" = ringcast ]; then kill "$RC_PID"; wait "$RC_PID" 2>/dev/null || true
+  if [ "$server" != nchan ]; then kill "$RC_PID"; wait "$RC_PID" 2>/dev/null || true
   else kill "$NC_MASTER"; wait "$NC_MASTER" 2>/dev/null || true; fi
   sleep 1
   echo "$server $scenario: $(head -c 300 "$out")" >&2
@@ -73,28 +108,30 @@ for s in "${SCENARIOS[@]}"; do
   for server in "${SERVERS[@]}"; do run_one "$server" "$s"; done
 done
 
-python3 - "$OUT" "${SCENARIOS[@]}" <<'PY'
+python3 - "$OUT" "${SERVERS[*]}" "${SCENARIOS[@]}" <<'PY'
 import json, sys, os
-out, scen = sys.argv[1], sys.argv[2:]
+out, servers, scen = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
 def g(d, *path):
     for p in path:
         if not isinstance(d, dict) or p not in d: return None
         d = d[p]
     return d
-print("| scenario | server | events/s published | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery | RSS/conn B | delivered % |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| scenario | server | events/s published | deliveries/s | p50 ms | p99 ms | publish RTT p50 / p99 ms | server CPU µs/delivery | RSS/conn B | delivered % |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for s in scen:
-    for server in ("ringcast", "nchan"):
+    for server in servers:
         f = os.path.join(out, f"{server}-{s}.json")
         try: d = json.load(open(f))
         except Exception as e:
-            print(f"| {s} | {server} | (no result: {e}) |||||||"); continue
+            print(f"| {s} | {server} | (no result: {e}) ||||||||"); continue
         row = [s, server]
         row.append(g(d, "publish", "rate"))
         row.append(g(d, "delivery", "rate"))
         p50, p99 = g(d, "latency", "p50_us"), g(d, "latency", "p99_us")
         row.append(None if p50 is None else p50 / 1000)
         row.append(None if p99 is None else p99 / 1000)
+        r50, r99 = g(d, "publish", "rtt", "p50_us"), g(d, "publish", "rtt", "p99_us")
+        row.append("-" if r50 is None else f"{r50 / 1000:.3g} / {r99 / 1000:.3g}")
         row.append(g(d, "server", "cpu_us_per_event"))
         row.append(g(d, "server", "rss_per_connection_bytes"))
         row.append(g(d, "delivery", "delivered_pct"))

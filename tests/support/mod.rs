@@ -7,9 +7,11 @@
 //! - `ChunkDecoder` / `SseParser`: push decoders for chunked framing and the event-stream format.
 //! - `SseStream`: a blocking stream client built on both.
 //! - `publish*`, `metrics`, `wait_for_metric`: small helpers over the endpoints.
+//! - `redis::Redis`: a real redis-server on a free port (multi-node tests).
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod redis;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Write};

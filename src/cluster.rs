@@ -1,0 +1,574 @@
+//! Several nodes through Redis. One Redis Function numbers an event cluster-wide, appends it to
+//! its topics' Streams (and to one stream of every event, for catching up) and publishes it on
+//! the relay channel, in one atomic call; every node, the publishing one too, delivers what the
+//! relay brings, so a subscriber sees each event once, in id order, whichever node it is on.
+//!
+//! Two threads per node, so a Redis round trip never blocks a core:
+//! - `ringcast-redis` takes publish batches from the cores and sends all that are waiting as one
+//!   pipeline of FCALLs (one round trip for many publishes), then answers each batch;
+//! - `ringcast-relay` has a pub/sub connection of its own, read at once (Redis drops a
+//!   subscriber 32 MB behind) and handed to the broker in order; after a reconnect it catches up
+//!   from the stream of every event, so nothing published meanwhile is missed.
+//!
+//! Redis unreachable (at start or later): publishes are numbered and delivered locally and
+//! answered `"degraded": true` (they are not replayed to Redis later), `/health` says degraded,
+//! and both threads reconnect with capped, jittered backoff, one log line per state change.
+
+use crate::broker::{Broker, Full};
+use crate::event::{EventId, Publish};
+use crate::publish::validate_topics;
+use crate::sse::valid_event_name;
+use atomic_waker::AtomicWaker;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+
+/// The Redis Function library (loaded with `FUNCTION LOAD REPLACE` at start). Version 1:
+/// `FCALL ringcast_version 0` returns it. `ringcast_publish 0 <topics> <data> [event] [after]`:
+/// topics comma-separated; `after` is an id the new one must follow (a node passes the newest id
+/// it knows, so ids keep increasing after it published alone while Redis was away).
+pub const LIBRARY: &str = r#"#!lua name=ringcast
+local P = 'ringcast:'
+
+local function valid_topic(t)
+  return #t >= 1 and #t <= 256 and string.match(t, '^[%w%._%-:/]+$') ~= nil
+end
+
+local function next_id(after_ms, after_seq)
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local last = redis.call('HMGET', P .. 'last', 'ms', 'seq')
+  local lms, lseq = tonumber(last[1]) or 0, tonumber(last[2]) or 0
+  if after_ms > lms or (after_ms == lms and after_seq > lseq) then
+    lms, lseq = after_ms, after_seq
+  end
+  local seq = 0
+  if ms <= lms then
+    ms = lms
+    seq = lseq + 1
+  end
+  redis.call('HSET', P .. 'last', 'ms', ms, 'seq', seq)
+  return string.format('%d-%d', ms, seq), ms
+end
+
+local function publish(keys, args)
+  local topics_arg, data, event, after = args[1], args[2], args[3] or '', args[4] or ''
+  if topics_arg == nil or data == nil then
+    return redis.error_reply('ringcast_publish: topics and data expected')
+  end
+  local topics = {}
+  for topic in string.gmatch(topics_arg, '[^,]+') do
+    if not valid_topic(topic) then
+      return redis.error_reply('ringcast_publish: bad topic ' .. topic)
+    end
+    topics[#topics + 1] = topic
+  end
+  if #topics == 0 or #topics > 64 then
+    return redis.error_reply('ringcast_publish: 1 to 64 topics expected')
+  end
+  if #event > 256 or string.find(event, '[\r\n%z]') then
+    return redis.error_reply('ringcast_publish: bad event name')
+  end
+  local ams, aseq = string.match(after, '^(%d+)-(%d+)$')
+  local id, ms = next_id(tonumber(ams) or 0, tonumber(aseq) or 0)
+  local cfg = redis.call('HMGET', P .. 'config', 'maxlen', 'ttl_ms', 'all_maxlen')
+  local maxlen, ttl, all_maxlen = tonumber(cfg[1]) or 1000, tonumber(cfg[2]) or 0, tonumber(cfg[3]) or 100000
+  local list = table.concat(topics, ' ')
+  for _, topic in ipairs(topics) do
+    local key = P .. 's:' .. topic
+    redis.call('XADD', key, 'MAXLEN', '~', maxlen, id, 'e', event, 'd', data, 't', list)
+    if ttl > 0 then
+      redis.call('XTRIM', key, 'MINID', '~', string.format('%d-0', ms - ttl))
+    end
+  end
+  redis.call('XADD', P .. 'all', 'MAXLEN', '~', all_maxlen, id, 'e', event, 'd', data, 't', list)
+  redis.call('PUBLISH', P .. 'relay', id .. '\n' .. event .. '\n' .. list .. '\n' .. data)
+  return id
+end
+
+redis.register_function('ringcast_publish', publish)
+redis.register_function('ringcast_version', function() return 1 end)
+"#;
+
+const RELAY_CHANNEL: &str = "ringcast:relay";
+const ALL_STREAM: &str = "ringcast:all";
+/// Publish batches waiting for the Redis thread; beyond it publishers wait (then 503).
+const SUBMIT_QUEUE: usize = 4096;
+/// Publish batches sent in one pipeline (one round trip).
+const PIPELINE_BATCHES: usize = 256;
+/// Reconnect backoff: doubles from the first to the cap, with jitter.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Connect and I/O timeouts for Redis calls (a hung Redis must not hold publishers forever).
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// The relay thread looks at the shutdown flag this often while no message comes.
+const RELAY_POLL: Duration = Duration::from_millis(200);
+/// Events read per XRANGE while catching up after a reconnect.
+const CATCH_UP_COUNT: usize = 1000;
+
+/// Settings the Redis Function reads (the last node to start writes them).
+#[derive(Clone, Debug)]
+pub struct RetentionConfig {
+    pub per_topic: usize,
+    pub ttl_ms: u64,
+    pub all: usize,
+}
+
+/// What a publish batch comes back as: its ids, or the publishes themselves when Redis could
+/// not take them (they are then published locally, degraded).
+type Outcome = Result<Vec<EventId>, Vec<Publish>>;
+
+/// The answer slot of one publish batch, filled by the Redis thread and awaited by a core.
+#[derive(Default)]
+pub struct Reply {
+    outcome: Mutex<Option<Outcome>>,
+    waker: AtomicWaker,
+}
+
+impl Reply {
+    fn fill(&self, outcome: Outcome) {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+        self.waker.wake();
+    }
+
+    /// Resolves once the Redis thread has answered.
+    pub async fn wait(&self) -> Outcome {
+        poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            match self.outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some(outcome) => Poll::Ready(outcome),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+struct Submission {
+    publishes: Vec<Publish>,
+    reply: Arc<Reply>,
+}
+
+/// A node's link to Redis, shared by its cores.
+pub struct Cluster {
+    submit: Sender<Submission>,
+    /// Both Redis connections (publishing and relay) are up.
+    publisher_up: AtomicBool,
+    relay_up: AtomicBool,
+    pub reconnects: AtomicU64,
+    pub node_id: String,
+    stop: AtomicBool,
+    state_log: Mutex<bool>,
+}
+
+impl Cluster {
+    pub fn up(&self) -> bool {
+        self.publisher_up.load(Ordering::Relaxed) && self.relay_up.load(Ordering::Relaxed)
+    }
+
+    /// Hands a batch to the Redis thread; the batch comes back when its queue is full.
+    pub fn submit(&self, publishes: Vec<Publish>) -> Result<Arc<Reply>, Vec<Publish>> {
+        let reply = Arc::new(Reply::default());
+        match self.submit.try_send(Submission { publishes, reply: reply.clone() }) {
+            Ok(()) => Ok(reply),
+            Err(TrySendError::Full(s) | TrySendError::Disconnected(s)) => Err(s.publishes),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// One log line per change of the whole link's state.
+    fn log_state(&self) {
+        let up = self.up();
+        let mut logged = self.state_log.lock().unwrap_or_else(|p| p.into_inner());
+        if *logged != up {
+            *logged = up;
+            if up {
+                log::info!("node {}: Redis connected, cluster mode", self.node_id);
+            } else {
+                log::warn!("node {}: Redis unreachable, degraded (publishing locally)", self.node_id);
+            }
+        }
+    }
+
+    fn set(&self, flag: &AtomicBool, up: bool) {
+        if flag.swap(up, Ordering::Relaxed) != up {
+            if !up {
+                self.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            self.log_state();
+        }
+    }
+}
+
+/// Starts the Redis and relay threads. The node serves at once, degraded until Redis answers.
+pub fn start(
+    url: &str,
+    node_id: String,
+    retention: RetentionConfig,
+    broker: Arc<Broker>,
+) -> std::io::Result<(Arc<Cluster>, Vec<std::thread::JoinHandle<()>>)> {
+    let client = redis::Client::open(url).map_err(|e| std::io::Error::other(format!("--redis {url}: {e}")))?;
+    let (tx, rx) = crossbeam_channel::bounded(SUBMIT_QUEUE);
+    let cluster = Arc::new(Cluster {
+        submit: tx,
+        publisher_up: AtomicBool::new(false),
+        relay_up: AtomicBool::new(false),
+        reconnects: AtomicU64::new(0),
+        node_id,
+        stop: AtomicBool::new(false),
+        state_log: Mutex::new(true),
+    });
+    // Until the first connection: degraded, said once.
+    cluster.log_state();
+    let publisher = {
+        let (cluster, client, broker) = (cluster.clone(), client.clone(), broker.clone());
+        std::thread::Builder::new()
+            .name("ringcast-redis".into())
+            .spawn(move || run_publisher(&cluster, &client, &retention, &broker, &rx))?
+    };
+    let relay = {
+        let cluster = cluster.clone();
+        std::thread::Builder::new()
+            .name("ringcast-relay".into())
+            .spawn(move || run_relay(&cluster, &client, &broker))?
+    };
+    Ok((cluster, vec![publisher, relay]))
+}
+
+/// Capped exponential backoff with jitter.
+struct Backoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        Backoff { next: BACKOFF_FIRST, seed: seed | 1 }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_FIRST;
+    }
+
+    /// The pause before the next attempt: between half and all of the current step.
+    fn pause(&mut self) -> Duration {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let step = self.next;
+        self.next = (self.next * 2).min(BACKOFF_CAP);
+        step / 2 + Duration::from_nanos(self.seed % (step.as_nanos() as u64 / 2).max(1))
+    }
+}
+
+/// Sleeps up to `total`, waking early when the node stops; false when it stopped.
+fn pause(cluster: &Cluster, total: Duration) -> bool {
+    let until = std::time::Instant::now() + total;
+    while std::time::Instant::now() < until {
+        if cluster.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20).min(until - std::time::Instant::now()));
+    }
+    !cluster.stop.load(Ordering::Relaxed)
+}
+
+fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let conn = client.get_connection_with_timeout(REDIS_TIMEOUT)?;
+    conn.set_read_timeout(Some(REDIS_TIMEOUT))?;
+    conn.set_write_timeout(Some(REDIS_TIMEOUT))?;
+    Ok(conn)
+}
+
+/// Loads the function library and writes the retention settings.
+fn prepare(conn: &mut redis::Connection, retention: &RetentionConfig) -> redis::RedisResult<()> {
+    redis::cmd("FUNCTION").arg("LOAD").arg("REPLACE").arg(LIBRARY).query::<String>(conn)?;
+    redis::cmd("HSET")
+        .arg("ringcast:config")
+        .arg("maxlen")
+        .arg(retention.per_topic.max(1))
+        .arg("ttl_ms")
+        .arg(retention.ttl_ms)
+        .arg("all_maxlen")
+        .arg(retention.all.max(1))
+        .query::<i64>(conn)?;
+    Ok(())
+}
+
+fn run_publisher(
+    cluster: &Cluster,
+    client: &redis::Client,
+    retention: &RetentionConfig,
+    broker: &Broker,
+    rx: &Receiver<Submission>,
+) {
+    let mut conn: Option<redis::Connection> = None;
+    let mut backoff = Backoff::new();
+    let mut retry_at = std::time::Instant::now();
+    let mut batch: Vec<Submission> = Vec::new();
+    while !cluster.stop.load(Ordering::Relaxed) {
+        if conn.is_none() && std::time::Instant::now() >= retry_at {
+            match connect(client).and_then(|mut c| prepare(&mut c, retention).map(|()| c)) {
+                Ok(c) => {
+                    conn = Some(c);
+                    backoff.reset();
+                    cluster.set(&cluster.publisher_up, true);
+                }
+                Err(e) => {
+                    log::debug!("Redis (publishing): {e}");
+                    cluster.set(&cluster.publisher_up, false);
+                    retry_at = std::time::Instant::now() + backoff.pause();
+                }
+            }
+        }
+        let first = match rx.recv_timeout(RELAY_POLL) {
+            Ok(s) => s,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        batch.push(first);
+        while batch.len() < PIPELINE_BATCHES {
+            match rx.try_recv() {
+                Ok(s) => batch.push(s),
+                Err(_) => break,
+            }
+        }
+        let Some(c) = conn.as_mut() else {
+            // Degraded: the cores publish these locally.
+            for s in batch.drain(..) {
+                s.reply.fill(Err(s.publishes));
+            }
+            continue;
+        };
+        let after = broker.last_id().to_string();
+        let mut pipe = redis::pipe();
+        for s in &batch {
+            for p in &s.publishes {
+                let topics: Vec<&str> = p.topics.iter().map(|t| &**t).collect();
+                pipe.cmd("FCALL")
+                    .arg("ringcast_publish")
+                    .arg(0)
+                    .arg(topics.join(","))
+                    .arg(&p.data)
+                    .arg(p.event.as_deref().unwrap_or(""))
+                    .arg(&after);
+            }
+        }
+        match pipe.query::<Vec<String>>(c) {
+            Ok(ids) => {
+                let mut ids = ids.into_iter();
+                for s in batch.drain(..) {
+                    let mine: Vec<EventId> =
+                        ids.by_ref().take(s.publishes.len()).filter_map(|id| id.parse().ok()).collect();
+                    if mine.len() == s.publishes.len() {
+                        s.reply.fill(Ok(mine));
+                    } else {
+                        // Cannot happen with this library; never answer without an id.
+                        s.reply.fill(Err(s.publishes));
+                    }
+                }
+            }
+            Err(e) => {
+                // Whether Redis took some of them is unknown: they are published locally, so
+                // local subscribers get them (other nodes may too, if Redis did).
+                log::debug!("Redis publish pipeline: {e}");
+                conn = None;
+                cluster.set(&cluster.publisher_up, false);
+                retry_at = std::time::Instant::now() + backoff.pause();
+                for s in batch.drain(..) {
+                    s.reply.fill(Err(s.publishes));
+                }
+            }
+        }
+    }
+}
+
+fn run_relay(cluster: &Cluster, client: &redis::Client, broker: &Broker) {
+    let mut backoff = Backoff::new();
+    let mut first = true;
+    while !cluster.stop.load(Ordering::Relaxed) {
+        match relay_session(cluster, client, broker, &mut first, &mut backoff) {
+            Ok(()) => return, // stopping
+            Err(e) => {
+                log::debug!("Redis relay: {e}");
+                cluster.set(&cluster.relay_up, false);
+                if !pause(cluster, backoff.pause()) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One relay connection's life: subscribe, catch up from the stream of every event after the
+/// newest one delivered, then deliver what the channel brings until an error or shutdown.
+fn relay_session(
+    cluster: &Cluster,
+    client: &redis::Client,
+    broker: &Broker,
+    first: &mut bool,
+    backoff: &mut Backoff,
+) -> redis::RedisResult<()> {
+    let mut conn = connect(client)?;
+    if *first {
+        // A node that just started takes the events from now on (read before subscribing; the
+        // catch-up below covers the events between this and the subscription).
+        let last: Vec<Option<u64>> = redis::cmd("HMGET").arg("ringcast:last").arg("ms").arg("seq").query(&mut conn)?;
+        if let [Some(ms), Some(seq)] = last[..] {
+            broker.mark_relayed(EventId { ms, seq });
+        }
+        *first = false;
+    }
+    let mut reader = connect(client)?;
+    let mut pubsub = reader.as_pubsub();
+    pubsub.subscribe(RELAY_CHANNEL)?;
+    pubsub.set_read_timeout(Some(RELAY_POLL))?;
+    catch_up(&mut conn, broker)?;
+    backoff.reset();
+    cluster.set(&cluster.relay_up, true);
+    loop {
+        if cluster.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let msg = match pubsub.get_message() {
+            Ok(msg) => msg,
+            Err(e) if e.is_timeout() => continue,
+            Err(e) => return Err(e),
+        };
+        let payload: Vec<u8> = msg.get_payload()?;
+        match parse_relayed(&payload) {
+            Some(event) => deliver(broker, &mut vec![event]),
+            None => log::warn!("relay: dropped a malformed event ({} bytes)", payload.len()),
+        }
+    }
+}
+
+/// Reads every event after the newest one delivered from the stream of all events, in order.
+fn catch_up(conn: &mut redis::Connection, broker: &Broker) -> redis::RedisResult<()> {
+    loop {
+        let after = broker.relayed();
+        type Entry = (String, Vec<Vec<u8>>);
+        let entries: Vec<Entry> = redis::cmd("XRANGE")
+            .arg(ALL_STREAM)
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(CATCH_UP_COUNT)
+            .query(conn)?;
+        let done = entries.len() < CATCH_UP_COUNT;
+        let mut batch = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            match stream_entry(&id, &fields) {
+                Some(event) => batch.push(event),
+                None => log::warn!("relay catch-up: dropped malformed entry {id}"),
+            }
+        }
+        if !batch.is_empty() {
+            log::info!("relay: caught up {} event(s) published while disconnected", batch.len());
+            deliver(broker, &mut batch);
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// Hands relayed events to the broker, waiting while a core's mailbox is full (this thread may
+/// wait; Redis keeps up to 32 MB for it).
+fn deliver(broker: &Broker, batch: &mut Vec<(EventId, Publish)>) {
+    while let Err(Full) = broker.deliver(batch) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `<id>\n<event>\n<topic> <topic>...\n<data>` as the function publishes it.
+fn parse_relayed(payload: &[u8]) -> Option<(EventId, Publish)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut parts = text.splitn(4, '\n');
+    let id = parts.next()?.parse().ok()?;
+    let event = parts.next()?;
+    let topics = parts.next()?;
+    let data = parts.next()?;
+    Some((id, make_publish(topics.split(' '), event, data)?))
+}
+
+/// An XRANGE entry: its id and fields `e` (event), `d` (data), `t` (topics).
+fn stream_entry(id: &str, fields: &[Vec<u8>]) -> Option<(EventId, Publish)> {
+    let id = id.parse().ok()?;
+    let (mut event, mut data, mut topics) = (None, None, None);
+    for pair in fields.chunks(2) {
+        let [name, value] = pair else { return None };
+        let value = std::str::from_utf8(value).ok()?;
+        match name.as_slice() {
+            b"e" => event = Some(value),
+            b"d" => data = Some(value),
+            b"t" => topics = Some(value),
+            _ => {}
+        }
+    }
+    Some((id, make_publish(topics?.split(' '), event?, data?)?))
+}
+
+/// Checks a relayed event as a local publish would be checked (Redis may hold anything).
+fn make_publish<'a>(topics: impl Iterator<Item = &'a str>, event: &str, data: &str) -> Option<Publish> {
+    let topics = validate_topics(topics, usize::MAX).ok()?;
+    let event = match event {
+        "" => None,
+        name if valid_event_name(name) => Some(name.into()),
+        _ => return None,
+    };
+    Some(Publish { topics, event, data: data.to_string() })
+}
+
+/// Default node name: host name and process id.
+pub fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("{}-{}", if host.is_empty() { "ringcast" } else { host }, std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relayed_payload_round_trip() {
+        let (id, p) = parse_relayed(b"1700000000000-3\nquote\na b\nline1\nline2").expect("parses");
+        assert_eq!(id, EventId { ms: 1_700_000_000_000, seq: 3 });
+        assert_eq!(p.topics, vec![Box::<str>::from("a"), "b".into()]);
+        assert_eq!(p.event.as_deref(), Some("quote"));
+        assert_eq!(p.data, "line1\nline2");
+        let (_, p) = parse_relayed(b"1-0\n\nt\n").expect("no event name, empty data");
+        assert_eq!((p.event, p.data.as_str()), (None, ""));
+        assert!(parse_relayed(b"nonsense").is_none());
+        assert!(parse_relayed(b"1-0\n\nbad topic!\nx").is_none());
+        assert!(parse_relayed(b"1-0\nbad\revent\nt\nx").is_none());
+        assert!(parse_relayed(b"1-0\n\nt\n\xff").is_none());
+    }
+
+    #[test]
+    fn stream_entries_parse() {
+        let fields: Vec<Vec<u8>> = [&b"e"[..], b"", b"d", b"hello", b"t", b"news"].iter().map(|f| f.to_vec()).collect();
+        let (id, p) = stream_entry("5-1", &fields).expect("parses");
+        assert_eq!((id, p.data.as_str()), (EventId { ms: 5, seq: 1 }, "hello"));
+        assert!(stream_entry("5-1", &fields[..4]).is_none(), "no topics");
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut b = Backoff::new();
+        let pauses: Vec<Duration> = (0..12).map(|_| b.pause()).collect();
+        assert!(pauses.iter().all(|p| *p >= BACKOFF_FIRST / 2 && *p <= BACKOFF_CAP));
+        assert!(pauses[11] >= BACKOFF_CAP / 2);
+        b.reset();
+        assert!(b.pause() <= BACKOFF_FIRST);
+    }
+}
