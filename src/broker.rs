@@ -183,28 +183,24 @@ impl Broker {
         }
     }
 
-    /// What a new stream on `topics` missed (a gap notice, retained events, the end marker),
-    /// and the id up to which that covers: the stream takes live events after it, so the
-    /// hand-over has no gap and no duplicate whatever the core's mailbox still holds.
-    pub fn replay(
-        &self,
-        topics: &[Box<str>],
-        from: &ReplayFrom,
-        given: Option<String>,
-        end_marker: bool,
-    ) -> (Vec<Frame>, EventId) {
-        let (replay, last) = {
-            let state = self.lock();
-            let last = state.clock.last();
-            (state.history.replay(topics, from, last, now_ms()), last)
-        };
-        (replay_frames(replay, given, end_marker), last)
+    /// What a new stream on `topics` missed in this node's history, and the id up to which
+    /// that covers: the stream takes live events after it, so the hand-over has no gap and no
+    /// duplicate whatever the core's mailbox still holds.
+    pub fn replay(&self, topics: &[Box<str>], from: &ReplayFrom) -> (Replay, EventId) {
+        let state = self.lock();
+        let last = state.clock.last();
+        (state.history.replay(topics, from, last, now_ms()), last)
     }
 
     /// The newest id handed out: a live-only stream opened now takes the events after it (its
     /// core's mailbox may still hold older ones, published before the stream opened).
     pub fn last_id(&self) -> EventId {
         self.lock().clock.last()
+    }
+
+    /// An event numbered elsewhere (read back from the cluster's history), encoded for replay.
+    pub fn encode(&self, id: EventId, publish: Publish) -> Arc<Event> {
+        self.event(id, publish, self.shared.any_gzip())
     }
 
     /// Drops retained events past --history-ttl (the chores thread, once a second).
@@ -223,7 +219,7 @@ impl Broker {
 }
 
 /// The gap notice, the replayed events (their original frames, ids included), the end marker.
-fn replay_frames(replay: Replay, given: Option<String>, end_marker: bool) -> Vec<Frame> {
+pub fn replay_frames(replay: Replay, given: Option<String>, end_marker: bool) -> Vec<Frame> {
     let mut frames = Vec::with_capacity(replay.events.len() + 2);
     if let Some(Gap { topics, oldest }) = &replay.gap {
         let data = serde_json::json!({

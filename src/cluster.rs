@@ -41,6 +41,7 @@ local function next_id(after_ms, after_seq)
   local t = redis.call('TIME')
   local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local last = redis.call('HMGET', P .. 'last', 'ms', 'seq')
+  local fresh = not last[1]
   local lms, lseq = tonumber(last[1]) or 0, tonumber(last[2]) or 0
   if after_ms > lms or (after_ms == lms and after_seq > lseq) then
     lms, lseq = after_ms, after_seq
@@ -50,8 +51,13 @@ local function next_id(after_ms, after_seq)
     ms = lms
     seq = lseq + 1
   end
+  local id = string.format('%d-%d', ms, seq)
   redis.call('HSET', P .. 'last', 'ms', ms, 'seq', seq)
-  return string.format('%d-%d', ms, seq), ms
+  if fresh then
+    -- The first id of this data set: history before it is not here (Redis started empty).
+    redis.call('HSET', P .. 'last', 'since', id)
+  end
+  return id, ms
 end
 
 local function publish(keys, args)
@@ -104,6 +110,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Connect and I/O timeouts for Redis calls (a hung Redis must not hold publishers forever).
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// An idle publishing connection is checked (PING) this often.
+const PING_EVERY: Duration = Duration::from_secs(1);
 /// The relay thread looks at the shutdown flag this often while no message comes.
 const RELAY_POLL: Duration = Duration::from_millis(200);
 /// Events read per XRANGE while catching up after a reconnect.
@@ -121,25 +129,30 @@ pub struct RetentionConfig {
 /// not take them (they are then published locally, degraded).
 type Outcome = Result<Vec<EventId>, Vec<Publish>>;
 
-/// The answer slot of one publish batch, filled by the Redis thread and awaited by a core.
-#[derive(Default)]
-pub struct Reply {
-    outcome: Mutex<Option<Outcome>>,
+/// The answer to one request to a Redis thread, filled there and awaited by a core's task.
+pub struct Slot<T> {
+    value: Mutex<Option<T>>,
     waker: AtomicWaker,
 }
 
-impl Reply {
-    fn fill(&self, outcome: Outcome) {
-        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Slot { value: Mutex::new(None), waker: AtomicWaker::new() }
+    }
+}
+
+impl<T> Slot<T> {
+    fn fill(&self, value: T) {
+        *self.value.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
         self.waker.wake();
     }
 
     /// Resolves once the Redis thread has answered.
-    pub async fn wait(&self) -> Outcome {
+    pub async fn wait(&self) -> T {
         poll_fn(|cx| {
             self.waker.register(cx.waker());
-            match self.outcome.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                Some(outcome) => Poll::Ready(outcome),
+            match self.value.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some(value) => Poll::Ready(value),
                 None => Poll::Pending,
             }
         })
@@ -147,14 +160,43 @@ impl Reply {
     }
 }
 
+pub type Reply = Slot<Outcome>;
+
 struct Submission {
     publishes: Vec<Publish>,
     reply: Arc<Reply>,
 }
 
+/// What a stream asks the cluster's history for when this node's cannot vouch for it.
+#[derive(Clone, Debug)]
+pub enum HistoryFrom {
+    /// Every event after this id (a resume, possibly from another node).
+    After(EventId),
+    /// The last N events (`?history=N` on a node that has fewer).
+    Last(usize),
+}
+
+/// Events from Redis's per-topic streams, in id order, none after the request's `upto`.
+pub struct HistoryAnswer {
+    pub events: Vec<(EventId, Publish)>,
+    /// Redis holds everything after the id (false: some was trimmed or predates its data).
+    pub vouched: bool,
+}
+
+/// `None`: Redis could not answer (the stream gets what this node has, with its gap notice).
+pub type HistorySlot = Slot<Option<HistoryAnswer>>;
+
+struct HistoryRequest {
+    topics: Vec<Box<str>>,
+    from: HistoryFrom,
+    upto: EventId,
+    slot: Arc<HistorySlot>,
+}
+
 /// A node's link to Redis, shared by its cores.
 pub struct Cluster {
     submit: Sender<Submission>,
+    history: Sender<HistoryRequest>,
     /// Both Redis connections (publishing and relay) are up.
     publisher_up: AtomicBool,
     relay_up: AtomicBool,
@@ -176,6 +218,14 @@ impl Cluster {
             Ok(()) => Ok(reply),
             Err(TrySendError::Full(s) | TrySendError::Disconnected(s)) => Err(s.publishes),
         }
+    }
+
+    /// Asks Redis's history for a new stream (events up to `upto`, the newest id this node has
+    /// delivered: later ones reach the stream live); `None` when too many requests wait.
+    pub fn history(&self, topics: Vec<Box<str>>, from: HistoryFrom, upto: EventId) -> Option<Arc<HistorySlot>> {
+        let slot = Arc::new(HistorySlot::default());
+        self.history.try_send(HistoryRequest { topics, from, upto, slot: slot.clone() }).ok()?;
+        Some(slot)
     }
 
     pub fn stop(&self) {
@@ -215,8 +265,10 @@ pub fn start(
 ) -> std::io::Result<(Arc<Cluster>, Vec<std::thread::JoinHandle<()>>)> {
     let client = redis::Client::open(url).map_err(|e| std::io::Error::other(format!("--redis {url}: {e}")))?;
     let (tx, rx) = crossbeam_channel::bounded(SUBMIT_QUEUE);
+    let (history_tx, history_rx) = crossbeam_channel::bounded(SUBMIT_QUEUE);
     let cluster = Arc::new(Cluster {
         submit: tx,
+        history: history_tx,
         publisher_up: AtomicBool::new(false),
         relay_up: AtomicBool::new(false),
         reconnects: AtomicU64::new(0),
@@ -227,10 +279,16 @@ pub fn start(
     // Until the first connection: degraded, said once.
     cluster.log_state();
     let publisher = {
-        let (cluster, client, broker) = (cluster.clone(), client.clone(), broker.clone());
+        let (cluster, client, broker, retention) = (cluster.clone(), client.clone(), broker.clone(), retention.clone());
         std::thread::Builder::new()
             .name("ringcast-redis".into())
             .spawn(move || run_publisher(&cluster, &client, &retention, &broker, &rx))?
+    };
+    let history = {
+        let (cluster, client) = (cluster.clone(), client.clone());
+        std::thread::Builder::new()
+            .name("ringcast-history".into())
+            .spawn(move || run_history(&cluster, &client, &retention, &history_rx))?
     };
     let relay = {
         let cluster = cluster.clone();
@@ -238,7 +296,7 @@ pub fn start(
             .name("ringcast-relay".into())
             .spawn(move || run_relay(&cluster, &client, &broker))?
     };
-    Ok((cluster, vec![publisher, relay]))
+    Ok((cluster, vec![publisher, relay, history]))
 }
 
 /// Capped exponential backoff with jitter.
@@ -314,6 +372,8 @@ fn run_publisher(
     let mut backoff = Backoff::new();
     let mut retry_at = std::time::Instant::now();
     let mut batch: Vec<Submission> = Vec::new();
+    let mut last_used = std::time::Instant::now();
+    let mut seen_failures = 0;
     while !cluster.stop.load(Ordering::Relaxed) {
         if conn.is_none() && std::time::Instant::now() >= retry_at {
             match connect(client).and_then(|mut c| prepare(&mut c, retention).map(|()| c)) {
@@ -331,9 +391,36 @@ fn run_publisher(
         }
         let first = match rx.recv_timeout(RELAY_POLL) {
             Ok(s) => s,
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                // Idle: make sure the connection still works, so a Redis restart is noticed
+                // (and `/health` says so) before a publish finds a dead connection.
+                if let Some(c) = conn.as_mut() {
+                    if last_used.elapsed() >= PING_EVERY {
+                        last_used = std::time::Instant::now();
+                        if let Err(e) = redis::cmd("PING").query::<String>(c) {
+                            log::debug!("Redis (publishing) ping: {e}");
+                            conn = None;
+                            cluster.set(&cluster.publisher_up, false);
+                        }
+                    }
+                }
+                continue;
+            }
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        // A connection idle for a while, or older than a failure another connection of this
+        // node saw, may have died with a Redis restart: check it before use (one round trip,
+        // only then), and reconnect at once if it did, so no publish is sent where it is lost.
+        if last_used.elapsed() >= RELAY_POLL || cluster.reconnects.load(Ordering::Relaxed) != seen_failures {
+            seen_failures = cluster.reconnects.load(Ordering::Relaxed);
+            if let Some(c) = conn.as_mut() {
+                if redis::cmd("PING").query::<String>(c).is_err() {
+                    conn = connect(client).and_then(|mut c| prepare(&mut c, retention).map(|()| c)).ok();
+                    cluster.set(&cluster.publisher_up, conn.is_some());
+                }
+            }
+        }
+        last_used = std::time::Instant::now();
         batch.push(first);
         while batch.len() < PIPELINE_BATCHES {
             match rx.try_recv() {
@@ -449,6 +536,114 @@ fn relay_session(
             None => log::warn!("relay: dropped a malformed event ({} bytes)", payload.len()),
         }
     }
+}
+
+/// Answers history requests, one at a time, on a connection of its own (a resume storm then
+/// waits here, not in front of publishes).
+fn run_history(cluster: &Cluster, client: &redis::Client, retention: &RetentionConfig, rx: &Receiver<HistoryRequest>) {
+    let mut conn: Option<redis::Connection> = None;
+    let mut backoff = Backoff::new();
+    let mut retry_at = std::time::Instant::now();
+    while !cluster.stop.load(Ordering::Relaxed) {
+        let request = match rx.recv_timeout(RELAY_POLL) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if conn.is_none() && std::time::Instant::now() >= retry_at {
+            match connect(client) {
+                Ok(c) => {
+                    conn = Some(c);
+                    backoff.reset();
+                }
+                Err(e) => {
+                    log::debug!("Redis (history): {e}");
+                    retry_at = std::time::Instant::now() + backoff.pause();
+                }
+            }
+        }
+        let answer = conn.as_mut().and_then(|c| match read_history(c, retention, &request) {
+            Ok(answer) => Some(answer),
+            Err(e) => {
+                log::debug!("Redis history read: {e}");
+                None
+            }
+        });
+        if answer.is_none() {
+            conn = None;
+        }
+        request.slot.fill(answer);
+    }
+}
+
+type StreamEntries = Vec<(String, Vec<Vec<u8>>)>;
+
+/// One round trip: the topics' oldest retained entries and lengths, the data set's first id,
+/// and the events asked for.
+fn read_history(
+    conn: &mut redis::Connection,
+    retention: &RetentionConfig,
+    request: &HistoryRequest,
+) -> redis::RedisResult<HistoryAnswer> {
+    let upto = request.upto.to_string();
+    let mut pipe = redis::pipe();
+    pipe.cmd("HGET").arg("ringcast:last").arg("since");
+    for topic in &request.topics {
+        let key = format!("ringcast:s:{topic}");
+        pipe.cmd("XRANGE").arg(&key).arg("-").arg("+").arg("COUNT").arg(1);
+        pipe.cmd("XLEN").arg(&key);
+        match request.from {
+            HistoryFrom::After(id) => {
+                pipe.cmd("XRANGE")
+                    .arg(&key)
+                    .arg(format!("({id}"))
+                    .arg(&upto)
+                    .arg("COUNT")
+                    .arg(retention.per_topic.max(1));
+            }
+            HistoryFrom::Last(n) => {
+                pipe.cmd("XREVRANGE").arg(&key).arg(&upto).arg("-").arg("COUNT").arg(n.max(1));
+            }
+        }
+    }
+    let mut replies = pipe.query::<Vec<redis::Value>>(conn)?.into_iter();
+    let since: Option<String> = redis::from_redis_value(replies.next().unwrap_or(redis::Value::Nil))?;
+    let since: Option<EventId> = since.and_then(|s| s.parse().ok());
+    let mut vouched = since.is_some();
+    let mut events: Vec<(EventId, Publish)> = Vec::new();
+    let now = crate::broker::now_ms();
+    for _ in &request.topics {
+        let (Some(first), Some(len), Some(range)) = (replies.next(), replies.next(), replies.next()) else {
+            return Err(redis::RedisError::from((redis::ErrorKind::Parse, "short pipeline reply")));
+        };
+        let first: StreamEntries = redis::from_redis_value(first)?;
+        let len: usize = redis::from_redis_value(len)?;
+        let range: StreamEntries = redis::from_redis_value(range)?;
+        if let HistoryFrom::After(given) = request.from {
+            // Trimmed past the id: by count (the stream is at its cap) or by age.
+            let first_id = first.first().and_then(|(id, _)| id.parse::<EventId>().ok());
+            let trimmed = first_id.is_some_and(|f| f > given)
+                && (len >= retention.per_topic || (retention.ttl_ms > 0 && given.ms + retention.ttl_ms < now));
+            if trimmed || since.is_some_and(|s| given < s) {
+                vouched = false;
+            }
+        }
+        for (id, fields) in range {
+            match stream_entry(&id, &fields) {
+                Some(event) => events.push(event),
+                None => log::warn!("history: dropped malformed entry {id}"),
+            }
+        }
+    }
+    // An event on several of the topics is in each of their streams: once, in id order.
+    events.sort_by_key(|(id, _)| *id);
+    events.dedup_by_key(|(id, _)| *id);
+    if let HistoryFrom::Last(n) = request.from {
+        let skip = events.len().saturating_sub(n);
+        events.drain(..skip);
+        vouched = true;
+    }
+    Ok(HistoryAnswer { events, vouched })
 }
 
 /// Reads every event after the newest one delivered from the stream of all events, in order.

@@ -1,9 +1,10 @@
 //! One connection: read requests (pipelined, keep-alive), route them, or become an event stream.
 
-use crate::broker::Full;
+use crate::broker::{replay_frames, Full};
+use crate::cluster::{Cluster, HistoryFrom};
 use crate::event::{EventId, Publish, StreamKey};
 use crate::gzip;
-use crate::history::ReplayFrom;
+use crate::history::{Replay, ReplayFrom};
 use crate::http::{
     parse_request, put_chunk, write_response, write_stream_head, BodyKind, ChunkedDecoder, HttpError, Method, Request,
 };
@@ -469,26 +470,63 @@ async fn stream_events(
     let first = Bytes::from(out);
 
     // What it missed, up to the newest id so far; later events reach it live (see
-    // `Broker::replay`), so nothing is lost or doubled between the two.
-    let (replayed, live_after) = if live {
-        (Vec::new(), worker.broker.last_id())
-    } else {
-        worker.broker.replay(&topics, &from, resume_text, end_marker)
+    // `Broker::replay`), so nothing is lost or doubled between the two. When this node's history
+    // cannot vouch for it (it started after the id, or the id is older than its ring) and Redis
+    // is there, the stream waits, paused, for Redis's history instead of a gap notice.
+    let (local, live_after) = match live {
+        true => (None, worker.broker.last_id()),
+        false => {
+            let (replay, last) = worker.broker.replay(&topics, &from);
+            (Some(replay), last)
+        }
+    };
+    let ask = match (&local, &from, worker.shared.cluster.get()) {
+        (Some(r), ReplayFrom::After(id), Some(c)) if c.up() && r.gap.is_some() => Some((c, HistoryFrom::After(*id))),
+        (Some(r), ReplayFrom::Last(n), Some(c)) if c.up() && r.events.len() < *n => Some((c, HistoryFrom::Last(*n))),
+        _ => None,
     };
     let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
-    let key = {
+    let key = worker.hub.borrow_mut().subscribe(&topics, fd, Some(wr), wire, live_after, first, worker.stats());
+    let mut replayed = Vec::new();
+    if let Some(local) = local {
+        let replay = match ask {
+            Some((cluster, from)) => {
+                worker.hub.borrow_mut().pause(key);
+                cluster_history(&worker, cluster, topics, from, live_after, local).await
+            }
+            None => local,
+        };
+        replayed = replay_frames(replay, resume_text, end_marker);
+    }
+    {
         let mut hub = worker.hub.borrow_mut();
-        let key = hub.subscribe(&topics, fd, Some(wr), wire, live_after, first, worker.stats());
-        if !replayed.is_empty() {
-            hub.replay(key, &replayed);
-        }
+        hub.resume(key, &replayed);
         hub.flush_one(key);
-        key
-    };
+    }
     // This task (and its request-parsing state) ends here: an idle stream costs only its hub
     // entry and the small close watcher; writes happen in `Hub::flush` or a backlog writer.
     monoio::spawn(CatchUnwind(watch_close(StreamGuard { worker, key, _count: count }, rd)));
+}
+
+/// The cluster's history for a new stream (events up to `upto`), or, when Redis cannot answer,
+/// what this node has (`local`, with its gap notice).
+async fn cluster_history(
+    worker: &Worker,
+    cluster: &Cluster,
+    topics: Vec<Box<str>>,
+    from: HistoryFrom,
+    upto: EventId,
+    local: Replay,
+) -> Replay {
+    let Some(slot) = cluster.history(topics, from, upto) else { return local };
+    match slot.wait().await {
+        Some(answer) => Replay {
+            gap: if answer.vouched { None } else { local.gap },
+            events: answer.events.into_iter().map(|(id, publish)| worker.broker.encode(id, publish)).collect(),
+        },
+        None => local,
+    }
 }
 
 /// Removes its stream from the hub when dropped (the watcher ended, or panicked).

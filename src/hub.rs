@@ -58,6 +58,8 @@ pub struct Subscriber {
     dirty: bool,
     /// A backlog writer task has a write in flight: frames must wait for it (order).
     writing: bool,
+    /// Waiting for its replay from the cluster's history: nothing is sent, live events queue.
+    paused: bool,
     /// The write half, lent to the backlog writer while the socket is full. Dropped (FIN) when
     /// the stream leaves the slab.
     wr: Option<OwnedWriteHalf<TcpStream>>,
@@ -180,7 +182,7 @@ impl Subscriber {
         key: usize,
         max_frames: usize,
     ) -> (u64, bool) {
-        if self.writing || self.state == StreamState::Dead {
+        if self.writing || self.paused || self.state == StreamState::Dead {
             return (0, false);
         }
         let mut calls = 0;
@@ -394,6 +396,7 @@ impl Hub {
             held: false,
             dirty: false,
             writing: false,
+            paused: false,
             wr,
         });
         self.gzip_subs += usize::from(wire == Wire::Gzip);
@@ -561,7 +564,7 @@ impl Hub {
             // only runs inside `submit`.
             let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { continue };
             sub.dirty = false;
-            if sub.writing || sub.state == StreamState::Dead {
+            if sub.writing || sub.paused || sub.state == StreamState::Dead {
                 continue;
             }
             if sub.queue.is_empty() {
@@ -602,6 +605,28 @@ impl Hub {
         }
         for frame in frames {
             sub.queue.push_back((frame.for_stream(sub.wire), NO_TAG));
+        }
+        mark_dirty(&mut self.dirty, sub, sk.key);
+    }
+
+    /// Holds a new stream's sends until `resume` brings its replay (live events queue meanwhile).
+    pub fn pause(&mut self, sk: StreamKey) {
+        if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
+            sub.paused = true;
+        }
+    }
+
+    /// Puts a paused stream's replay between its opening bytes and the live events queued
+    /// meanwhile, and lets it send.
+    pub fn resume(&mut self, sk: StreamKey, frames: &[Frame]) {
+        let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { return };
+        sub.paused = false;
+        if sub.state == StreamState::Open {
+            // Nothing was sent while paused: the opening bytes are still at the front.
+            let at = sub.queue.len().min(1);
+            for (i, frame) in frames.iter().enumerate() {
+                sub.queue.insert(at + i, (frame.for_stream(sub.wire), NO_TAG));
+            }
         }
         mark_dirty(&mut self.dirty, sub, sk.key);
     }
@@ -886,6 +911,21 @@ mod tests {
         h.publish(&event(3, &["a"], "small"), &stats);
         assert_eq!(h.subs[sk.key].state, StreamState::Dead, "a second one past the bound");
         assert_eq!(stats.slow_disconnects.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn paused_stream_gets_its_replay_before_live_events() {
+        let stats = CoreStats::default();
+        let mut h = hub(1 << 20, SlowPolicy::Disconnect);
+        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, EventId { ms: 1, seq: 2 }, Bytes::new(), &stats);
+        h.pause(sk);
+        h.flush_one(sk); // sends nothing (fd -1 would fail and kill it otherwise)
+        assert_eq!(h.subs[sk.key].state, StreamState::Open);
+        h.publish(&event(3, &["a"], "live"), &stats);
+        h.resume(sk, &[event(1, &["a"], "old1").frame.clone(), event(2, &["a"], "old2").frame.clone()]);
+        let q = queued(&h, sk);
+        assert_eq!(q.len(), 3);
+        assert!(q[0].contains("old1") && q[1].contains("old2") && q[2].contains("live"), "{q:?}");
     }
 
     #[test]

@@ -165,3 +165,178 @@ fn node_serves_degraded_without_redis_then_rejoins() {
     let m = node.metrics();
     assert_eq!(support::metric(&m, "ringcast_redis_up"), 1.0);
 }
+
+/// Opens `/events` on a node with extra header lines; asserts a 200 stream.
+fn open_stream(node: &Server, path: &str, headers: &str) -> SseStream {
+    open_stream_at(node.addr, path, headers)
+}
+
+#[test]
+fn resume_on_another_node_while_publishing_goes_on() {
+    const TOTAL: usize = 300;
+    let redis = Redis::start();
+    let a = node(&redis.url(), "a");
+    let b = node(&redis.url(), "b");
+    let mut first = a.subscribe(&["r"]);
+    let addr = a.addr;
+    let publisher = thread::spawn(move || {
+        (0..TOTAL)
+            .map(|i| {
+                let id = support::publish(addr, "r", &format!("e{i}"));
+                if i % 10 == 0 {
+                    thread::sleep(Duration::from_millis(2));
+                }
+                (id, format!("e{i}"))
+            })
+            .collect::<Vec<_>>()
+    });
+    // The client sees part of the feed on node a, loses its connection, and comes back through
+    // node b with its Last-Event-ID while events keep coming.
+    let mut seen = read_events(&mut first, 40, "on node a");
+    drop(first);
+    let last = seen.last().unwrap().0.clone();
+    let mut second = open_stream(&b, "/events?topic=r", &format!("Last-Event-ID: {last}\r\n"));
+    seen.extend(read_events(&mut second, TOTAL - 40, "resumed on node b"));
+    let published = publisher.join().expect("publisher");
+    assert_eq!(seen, published, "the resumed feed differs: lost, doubled or out of order");
+}
+
+#[test]
+fn a_node_started_later_serves_history_and_resumes_from_redis() {
+    let redis = Redis::start();
+    let a = node(&redis.url(), "a");
+    let published: Vec<(String, String)> =
+        (0..20).map(|i| (support::publish(a.addr, "h", &format!("e{i}")), format!("e{i}"))).collect();
+    let b = node(&redis.url(), "b");
+
+    let mut last5 = open_stream(&b, "/events?topic=h&history=5", "");
+    assert_eq!(read_events(&mut last5, 5, "history=5 on node b"), published[15..].to_vec());
+
+    let mut resumed = open_stream(&b, "/events?topic=h", &format!("Last-Event-ID: {}\r\n", published[9].0));
+    assert_eq!(read_events(&mut resumed, 10, "resume on node b"), published[10..].to_vec());
+    let live = support::publish(a.addr, "h", "live");
+    let ev = resumed.expect_event("live after the replay");
+    assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some(live.as_str()), "live"));
+
+    // An id from before Redis's data: nobody can vouch for it, so the gap notice comes first.
+    let mut old = open_stream(&b, "/events?topic=h", "Last-Event-ID: 1000-0\r\n");
+    let ev = old.expect_event("gap notice");
+    assert_eq!(ev.event.as_deref(), Some("ringcast-gap"), "{ev:?}");
+}
+
+#[test]
+fn node_cut_off_from_redis_catches_up_on_what_others_published() {
+    let redis = Redis::start();
+    let relay = support::relay::Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let a = node(&redis.url(), "a");
+    let b = node(&format!("redis://{}/", relay.addr), "b");
+    let mut on_b = b.subscribe(&["k"]);
+    let mut published: Vec<(String, String)> = Vec::new();
+    let mut publish = |i: usize| published.push((support::publish(a.addr, "k", &format!("e{i}")), format!("e{i}")));
+    for i in 0..10 {
+        publish(i);
+    }
+    // Only node b loses Redis; node a keeps publishing through it.
+    relay.cut();
+    wait_health(&b, "degraded");
+    for i in 10..30 {
+        publish(i);
+    }
+    relay.resume();
+    wait_health(&b, "ok");
+    for i in 30..35 {
+        publish(i);
+    }
+    assert_eq!(read_events(&mut on_b, 35, "node b"), published, "node b missed, doubled or reordered events");
+}
+
+#[test]
+fn redis_restart_degrades_then_nodes_rejoin() {
+    let mut redis = Redis::start();
+    let port = redis.port;
+    let a = node(&redis.url(), "a");
+    let b = node(&redis.url(), "b");
+    let mut on_b = b.subscribe(&["k"]);
+    let before: Vec<(String, String)> =
+        (0..10).map(|i| (support::publish(a.addr, "k", &format!("e{i}")), format!("e{i}"))).collect();
+    assert_eq!(read_events(&mut on_b, 10, "before the restart"), before);
+
+    redis.kill();
+    wait_health(&a, "degraded");
+    wait_health(&b, "degraded");
+    let resp = publish_request(a.addr, "/publish?topic=k", Some("text/plain"), b"alone on a");
+    assert!(resp.body_str().contains("\"degraded\":true"), "{}", resp.body_str());
+
+    // Redis comes back empty (no persistence): both nodes reconnect by themselves.
+    let _redis = Redis::start_on(port);
+    wait_health(&a, "ok");
+    wait_health(&b, "ok");
+    let after: Vec<(String, String)> = (10..20)
+        .map(|i| {
+            let resp = publish_request(a.addr, "/publish?topic=k", Some("text/plain"), format!("e{i}").as_bytes());
+            resp.assert_status(200, "publish after the restart");
+            assert!(!resp.body_str().contains("degraded"), "e{i}: {}", resp.body_str());
+            (publish_id(&resp), format!("e{i}"))
+        })
+        .collect();
+    // The degraded publish stayed on node a; node b gets everything published through Redis.
+    assert_eq!(read_events(&mut on_b, 10, "after the restart"), after);
+    assert!(parse_id(&after[0].0) > parse_id(&before[9].0), "ids went back after the restart");
+    assert!(support::metric(&b.metrics(), "ringcast_redis_reconnects_total") >= 1.0);
+}
+
+#[test]
+fn killed_node_behind_nginx_its_clients_resume_on_the_other() {
+    const TOTAL: usize = 200;
+    let redis = Redis::start();
+    let nodes = [node(&redis.url(), "a"), node(&redis.url(), "b")];
+    let nginx = support::nginx::Nginx::start([nodes[0].addr, nodes[1].addr]);
+
+    // A client through nginx; find the node it landed on.
+    let mut stream = SseStream::open(nginx.addr, "/events?topic=n").expect("stream through nginx");
+    stream.head.assert_status(200, "GET /events through nginx");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let victim = loop {
+        let counts: Vec<f64> = nodes.iter().map(|n| support::metric(&n.metrics(), "ringcast_subscribers")).collect();
+        if let Some(i) = counts.iter().position(|&c| c == 1.0) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "the stream reached no node: {counts:?}");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let survivor = nodes[1 - victim].addr;
+    let publisher = thread::spawn(move || {
+        (0..TOTAL)
+            .map(|i| {
+                thread::sleep(Duration::from_millis(2));
+                (support::publish(survivor, "n", &format!("e{i}")), format!("e{i}"))
+            })
+            .collect::<Vec<_>>()
+    });
+
+    let mut seen = read_events(&mut stream, 30, "before the kill");
+    nodes[victim].signal("KILL");
+    // What an EventSource does: on the stream's end, reconnect with the last id it saw.
+    let mut reconnects = 0;
+    while seen.len() < TOTAL {
+        match stream.next_event() {
+            Ok(ev) => seen.push((ev.id.expect("id"), ev.data)),
+            Err(_) => {
+                reconnects += 1;
+                assert!(reconnects <= 5, "more than 5 reconnects");
+                let last = seen.last().unwrap().0.clone();
+                stream = open_stream_at(nginx.addr, "/events?topic=n", &format!("Last-Event-ID: {last}\r\n"));
+            }
+        }
+    }
+    assert!(reconnects >= 1, "the stream never ended although its node was killed");
+    assert_eq!(seen, publisher.join().expect("publisher"), "lost, doubled or reordered across the kill");
+}
+
+/// Opens `/events` at an address (a node or nginx) with extra header lines; asserts a 200 stream.
+fn open_stream_at(addr: std::net::SocketAddr, path: &str, headers: &str) -> SseStream {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n{headers}\r\n");
+    let s = SseStream::open_with(addr, &req).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    s.head.assert_status(200, path);
+    s
+}

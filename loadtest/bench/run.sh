@@ -86,7 +86,7 @@ run_one() { # server scenario
   if [ "$server" != nchan ]; then
     case "$server" in
       ringcast) start_ringcast "$ROOT/target/release/ringcast" ;;
-      spin) start_ringcast "$ROOT/target/release/ringcast" --spin 50us ;;
+      spin) start_ringcast "$ROOT/target/release/ringcast" --spin "${SPIN:-50us}" ;;
       before) start_ringcast "${BEFORE_BIN:?set BEFORE_BIN to an earlier ringcast binary}" ;;
       *) echo "unknown server $server" >&2; exit 1 ;;
     esac

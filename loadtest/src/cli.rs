@@ -36,6 +36,11 @@ pub struct Args {
     #[arg(long, default_value = "/events?topic={topic}")]
     pub sub_path: String,
 
+    /// Publish to this server instead of TARGET (another node of a cluster: measures the
+    /// publish -> receive path across nodes).
+    #[arg(long, value_name = "TARGET")]
+    pub publish_to: Option<String>,
+
     /// Publish request target; `{topic}` is replaced by the topic name
     /// (nchan example: `/pub/{topic}`).
     #[arg(long, default_value = "/publish?topic={topic}")]

@@ -225,7 +225,11 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
 
     // Publish phase.
     let mode = args.publish_mode();
-    let pub_cfg = pub_config(args, &target, mode);
+    let pub_target = match &args.publish_to {
+        Some(spec) => Target::parse(spec)?,
+        None => target.clone(),
+    };
+    let pub_cfg = pub_config(args, &pub_target, mode);
     let server_pub_start = sample_server(&args.server_pid)?;
     let pub_start = Instant::now();
     let stop_publishing = Arc::new(AtomicBool::new(false));

@@ -8,10 +8,14 @@
 //! - `SseStream`: a blocking stream client built on both.
 //! - `publish*`, `metrics`, `wait_for_metric`: small helpers over the endpoints.
 //! - `redis::Redis`: a real redis-server on a free port (multi-node tests).
+//! - `relay::Relay`: a TCP relay a test can cut (network cuts without touching either side).
+//! - `nginx::Nginx`: real nginx running deploy/nginx.conf in front of two nodes.
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod nginx;
 pub mod redis;
+pub mod relay;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Write};
