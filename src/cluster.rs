@@ -27,9 +27,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 /// The Redis Function library (loaded with `FUNCTION LOAD REPLACE` at start). Version 1:
-/// `FCALL ringcast_version 0` returns it. `ringcast_publish 0 <topics> <data> [event] [after]`:
-/// topics comma-separated; `after` is an id the new one must follow (a node passes the newest id
-/// it knows, so ids keep increasing after it published alone while Redis was away).
+/// `FCALL ringcast_version 0` returns it. `ringcast_publish 0 <topics> <data> [event] [after]
+/// [maxlen ttl-ms all-maxlen]`: topics comma-separated; `after` is an id the new one must follow
+/// (a node passes the newest id it knows, so ids keep increasing after it published alone while
+/// Redis was away); nodes pass the retention too, other callers get what nodes stored.
 pub const LIBRARY: &str = r#"#!lua name=ringcast
 local P = 'ringcast:'
 
@@ -57,7 +58,7 @@ local function next_id(after_ms, after_seq)
     -- The first id of this data set: history before it is not here (Redis started empty).
     redis.call('HSET', P .. 'last', 'since', id)
   end
-  return id, ms
+  return id, ms, seq
 end
 
 local function publish(keys, args)
@@ -79,14 +80,19 @@ local function publish(keys, args)
     return redis.error_reply('ringcast_publish: bad event name')
   end
   local ams, aseq = string.match(after, '^(%d+)-(%d+)$')
-  local id, ms = next_id(tonumber(ams) or 0, tonumber(aseq) or 0)
-  local cfg = redis.call('HMGET', P .. 'config', 'maxlen', 'ttl_ms', 'all_maxlen')
-  local maxlen, ttl, all_maxlen = tonumber(cfg[1]) or 1000, tonumber(cfg[2]) or 0, tonumber(cfg[3]) or 100000
+  local id, ms, seq = next_id(tonumber(ams) or 0, tonumber(aseq) or 0)
+  -- Retention: nodes pass it (one read less per call); other callers get what nodes stored.
+  local maxlen, ttl, all_maxlen = tonumber(args[5]), tonumber(args[6]), tonumber(args[7])
+  if not (maxlen and ttl and all_maxlen) then
+    local cfg = redis.call('HMGET', P .. 'config', 'maxlen', 'ttl_ms', 'all_maxlen')
+    maxlen, ttl, all_maxlen = tonumber(cfg[1]) or 1000, tonumber(cfg[2]) or 0, tonumber(cfg[3]) or 100000
+  end
   local list = table.concat(topics, ' ')
   for _, topic in ipairs(topics) do
     local key = P .. 's:' .. topic
     redis.call('XADD', key, 'MAXLEN', '~', maxlen, id, 'e', event, 'd', data, 't', list)
-    if ttl > 0 then
+    -- By age at most once per millisecond (the first id of each): trimming is a scan.
+    if ttl > 0 and seq == 0 then
       redis.call('XTRIM', key, 'MINID', '~', string.format('%d-0', ms - ttl))
     end
   end
@@ -446,7 +452,10 @@ fn run_publisher(
                     .arg(topics.join(","))
                     .arg(&p.data)
                     .arg(p.event.as_deref().unwrap_or(""))
-                    .arg(&after);
+                    .arg(&after)
+                    .arg(retention.per_topic.max(1))
+                    .arg(retention.ttl_ms)
+                    .arg(retention.all.max(1));
             }
         }
         match pipe.query::<Vec<String>>(c) {

@@ -477,7 +477,14 @@ async fn stream_events(
         true => (None, worker.broker.last_id()),
         false => {
             let (replay, last) = worker.broker.replay(&topics, &from);
-            (Some(replay), last)
+            // In a cluster the client has seen everything up to its id, even one this node has
+            // not been relayed yet (it read it on a faster node). Alone, an id from the future
+            // is bogus (a clock that stepped back across a restart): gap notice, then live.
+            let seen = match (&from, worker.shared.cluster.get()) {
+                (ReplayFrom::After(id), Some(_)) => *id,
+                _ => EventId::default(),
+            };
+            (Some(replay), last.max(seen))
         }
     };
     let ask = match (&local, &from, worker.shared.cluster.get()) {
