@@ -59,6 +59,11 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 
+    /// A request body must arrive whole within this from the end of its head (408 beyond), so
+    /// byte-at-a-time or stalled uploads cannot pin connections; default: --header-timeout.
+    #[arg(long, env = "RINGCAST_BODY_TIMEOUT", value_parser = parse_duration)]
+    pub body_timeout: Option<Duration>,
+
     /// Largest request head in bytes (431 beyond).
     #[arg(long, env = "RINGCAST_MAX_HEAD_BYTES", default_value_t = 8192)]
     pub max_head_bytes: usize,

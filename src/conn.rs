@@ -391,6 +391,8 @@ async fn read_body(
     req: &Request,
     cfg: &crate::config::Config,
 ) -> Result<Bytes, Option<HttpError>> {
+    // One deadline for the whole body, not per read: a trickle cannot extend it.
+    let deadline = Instant::now() + cfg.body_timeout.unwrap_or(cfg.header_timeout);
     let timed_out = |e: ReadError| match e {
         ReadError::Closed => None,
         ReadError::Timeout => Some(HttpError::Timeout),
@@ -406,14 +408,14 @@ async fn read_body(
                 buf.reserve(n - buf.len());
             }
             while buf.len() < n {
-                fill(stream, buf, out, Instant::now() + cfg.header_timeout).await.map_err(timed_out)?;
+                fill(stream, buf, out, deadline).await.map_err(timed_out)?;
             }
             Ok(buf.split_to(n).freeze())
         }
         BodyKind::Chunked => {
             let mut decoder = ChunkedDecoder::new(cfg.max_body);
             while !decoder.feed(buf).map_err(Some)? {
-                fill(stream, buf, out, Instant::now() + cfg.header_timeout).await.map_err(timed_out)?;
+                fill(stream, buf, out, deadline).await.map_err(timed_out)?;
             }
             Ok(Bytes::from(decoder.into_body()))
         }

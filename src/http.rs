@@ -7,6 +7,9 @@ use bytes::{Buf, BufMut, BytesMut};
 const MAX_HEADERS: usize = 64;
 /// A chunk-size line or trailer line longer than this is malformed.
 const MAX_CHUNK_LINE: usize = 1024;
+/// Trailer fields are bounded like a head: more lines or bytes than this are answered 431.
+const MAX_TRAILER_LINES: usize = MAX_HEADERS;
+const MAX_TRAILER_BYTES: usize = 8192;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
@@ -53,6 +56,8 @@ pub enum HttpError {
     LengthRequired,
     PayloadTooLarge,
     HeadTooLarge,
+    /// A transfer coding this server does not implement (RFC 9112 §6.1: 501).
+    NotImplemented,
     Unavailable,
 }
 
@@ -66,6 +71,7 @@ impl HttpError {
             HttpError::LengthRequired => (411, "Length Required"),
             HttpError::PayloadTooLarge => (413, "Content Too Large"),
             HttpError::HeadTooLarge => (431, "Request Header Fields Too Large"),
+            HttpError::NotImplemented => (501, "Not Implemented"),
             HttpError::Unavailable => (503, "Service Unavailable"),
         }
     }
@@ -80,6 +86,7 @@ impl HttpError {
             HttpError::LengthRequired => "a body needs Content-Length or chunked encoding",
             HttpError::PayloadTooLarge => "body too large",
             HttpError::HeadTooLarge => "request head too large",
+            HttpError::NotImplemented => "transfer coding not implemented (only chunked)",
             HttpError::Unavailable => "server at capacity, retry later",
         }
     }
@@ -149,10 +156,13 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
         return Err(HttpError::BadRequest("request target must be a path"));
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if !valid_query(query) {
+        return Err(HttpError::BadRequest("invalid percent-encoding or UTF-8 in the query"));
+    }
     let http11 = req.version == Some(1);
 
     let mut content_length: Option<usize> = None;
-    let mut chunked = false;
+    let mut codings: Vec<String> = Vec::new();
     let mut has_te = false;
     let mut keep_alive = http11;
     let mut content_type = None;
@@ -172,12 +182,10 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
             }
             content_length = Some(n);
         } else if header_eq(h.name, "transfer-encoding") {
+            // Every Transfer-Encoding line counts: two lines are one list (RFC 9110 §5.3).
             has_te = true;
-            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-            chunked = std::str::from_utf8(last).is_ok_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-            if !chunked {
-                return Err(HttpError::BadRequest("unsupported Transfer-Encoding"));
-            }
+            let text = std::str::from_utf8(h.value).map_err(|_| HttpError::BadRequest("bad Transfer-Encoding"))?;
+            codings.extend(text.split(',').map(|c| c.trim().to_ascii_lowercase()));
         } else if header_eq(h.name, "connection") {
             if has_token(h.value, "close") {
                 keep_alive = false;
@@ -196,6 +204,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
     if has_te && content_length.is_some() {
         return Err(HttpError::BadRequest("both Content-Length and Transfer-Encoding"));
     }
+    let chunked = has_te && check_codings(&codings)?;
     let body = match (content_length, chunked) {
         (_, true) => BodyKind::Chunked,
         (Some(0), _) | (None, false) => BodyKind::None,
@@ -217,12 +226,57 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
     Ok(Some(request))
 }
 
+/// RFC 9112 §6.1: chunked exactly once and last; any other coding is one this server does not
+/// implement (501). Returns true (the body is chunked) when the list is acceptable.
+fn check_codings(codings: &[String]) -> Result<bool, HttpError> {
+    if codings.iter().any(|c| c.is_empty()) {
+        return Err(HttpError::BadRequest("empty Transfer-Encoding"));
+    }
+    if codings.last().map(String::as_str) != Some("chunked") {
+        return Err(HttpError::BadRequest("chunked must be the final transfer coding"));
+    }
+    if codings.iter().filter(|c| *c == "chunked").count() > 1 {
+        return Err(HttpError::BadRequest("chunked applied more than once"));
+    }
+    if codings.len() > 1 {
+        return Err(HttpError::NotImplemented);
+    }
+    Ok(true)
+}
+
+/// A query whose percent-escapes are all `%XX` and that decodes to UTF-8 (`+` is a space).
+fn valid_query(query: &str) -> bool {
+    let bytes = query.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                let (Some(hi), Some(lo)) =
+                    (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b)))
+                else {
+                    return false;
+                };
+                decoded.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            b => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    std::str::from_utf8(&decoded).is_ok()
+}
+
 #[derive(Debug)]
 enum ChunkState {
     Size,
     Data(usize),
     DataEnd,
-    Trailer,
+    /// Trailer lines and bytes seen so far (bounded like a head).
+    Trailer(usize, usize),
     Done,
 }
 
@@ -245,18 +299,11 @@ impl ChunkedDecoder {
             match self.state {
                 ChunkState::Size => {
                     let Some(line) = take_line(buf)? else { return Ok(false) };
-                    let size_text = line[..].split(|&b| b == b';').next().unwrap_or(b"");
-                    let size_text =
-                        std::str::from_utf8(size_text).map_err(|_| HttpError::BadRequest("bad chunk size"))?.trim();
-                    if size_text.is_empty() || size_text.len() > 16 {
-                        return Err(HttpError::BadRequest("bad chunk size"));
-                    }
-                    let size =
-                        usize::from_str_radix(size_text, 16).map_err(|_| HttpError::BadRequest("bad chunk size"))?;
+                    let size = parse_chunk_size(&line)?;
                     if size > self.max.saturating_sub(self.body.len()) {
                         return Err(HttpError::PayloadTooLarge);
                     }
-                    self.state = if size == 0 { ChunkState::Trailer } else { ChunkState::Data(size) };
+                    self.state = if size == 0 { ChunkState::Trailer(0, 0) } else { ChunkState::Data(size) };
                 }
                 ChunkState::Data(left) => {
                     if buf.is_empty() {
@@ -277,10 +324,14 @@ impl ChunkedDecoder {
                     buf.advance(2);
                     self.state = ChunkState::Size;
                 }
-                ChunkState::Trailer => {
+                ChunkState::Trailer(lines, bytes) => {
                     let Some(line) = take_line(buf)? else { return Ok(false) };
                     if line.is_empty() {
                         self.state = ChunkState::Done;
+                    } else if lines + 1 > MAX_TRAILER_LINES || bytes + line.len() + 2 > MAX_TRAILER_BYTES {
+                        return Err(HttpError::HeadTooLarge);
+                    } else {
+                        self.state = ChunkState::Trailer(lines + 1, bytes + line.len() + 2);
                     }
                 }
                 ChunkState::Done => return Ok(true),
@@ -293,11 +344,25 @@ impl ChunkedDecoder {
     }
 }
 
-/// Removes one CRLF-terminated line from the front of `buf` (without the CRLF).
+/// `1*HEXDIG [ BWS ";" chunk-ext ]`: no sign, no leading space, at most 16 digits.
+fn parse_chunk_size(line: &[u8]) -> Result<usize, HttpError> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty() || rest.iter().find(|&&b| b != b' ' && b != b'\t') == Some(&b';');
+    if digits == 0 || digits > 16 || !rest_ok {
+        return Err(HttpError::BadRequest("bad chunk size"));
+    }
+    let text = std::str::from_utf8(&line[..digits]).map_err(|_| HttpError::BadRequest("bad chunk size"))?;
+    usize::from_str_radix(text, 16).map_err(|_| HttpError::BadRequest("bad chunk size"))
+}
+
+/// Removes one CRLF-terminated line from the front of `buf` (without the CRLF). A bare LF is
+/// an error at once (waiting for a CR that never comes would hold the client until timeout).
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, HttpError> {
-    match buf.windows(2).position(|w| w == b"\r\n") {
-        Some(pos) if pos <= MAX_CHUNK_LINE => {
-            let line = buf.split_to(pos);
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(pos) if pos == 0 || buf[pos - 1] != b'\r' => Err(HttpError::BadRequest("bare LF in chunked body")),
+        Some(pos) if pos - 1 <= MAX_CHUNK_LINE => {
+            let line = buf.split_to(pos - 1);
             buf.advance(2);
             Ok(Some(line))
         }

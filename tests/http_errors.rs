@@ -281,3 +281,123 @@ fn max_head_bytes_flag_sets_the_431_limit() {
     let resp = f.server.request(format!("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Ok: {ok}\r\n\r\n").as_bytes());
     resp.assert_status(200, "650-byte head with --max-head-bytes 1024");
 }
+
+/// A POST head to /publish with the given extra header lines, then `body` as is.
+fn post_with(headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut req =
+        format!("POST /publish?topic=alive HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n{headers}\r\n")
+            .into_bytes();
+    req.extend_from_slice(body);
+    req
+}
+
+#[test]
+fn transfer_codings_other_than_one_final_chunked_are_refused() {
+    let mut f = Fixture::start(&[]);
+    let body = chunked_body(&[b"hello"]);
+    // RFC 9112 §6.1: chunked once, and last.
+    f.expect_error(&post_with("Transfer-Encoding: chunked, chunked\r\n", &body), 400, "chunked, chunked");
+    f.expect_error(
+        &post_with("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", &body),
+        400,
+        "two Transfer-Encoding: chunked lines",
+    );
+    f.expect_error(&post_with("Transfer-Encoding: chunked, gzip\r\n", &body), 400, "chunked not last");
+    f.expect_error(&post_with("Transfer-Encoding: ,chunked\r\n", &body), 400, "empty coding");
+    // A coding this server does not implement, with chunked last: 501.
+    f.expect_error(&post_with("Transfer-Encoding: gzip, chunked\r\n", &body), 501, "gzip, chunked");
+    f.expect_error(&post_with("Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", &body), 501, "gzip line");
+    // Still fine: one chunked, any case, with an extension on the chunk line.
+    let mut conn = f.server.connect();
+    conn.send(&post_with("Transfer-Encoding: Chunked\r\n", b"5 ;name=value\r\nhello\r\n0\r\n\r\n"));
+    let resp = conn.read_response().expect("answer");
+    resp.assert_status(200, "chunked with a chunk extension");
+    assert_eq!(f.stream.expect_event("chunked publish").data, "hello");
+}
+
+#[test]
+fn chunk_sizes_with_a_sign_or_leading_space_are_400() {
+    let mut f = Fixture::start(&[]);
+    for (line, what) in [
+        (&b" 5\r\nhello\r\n0\r\n\r\n"[..], "leading space"),
+        (b"+5\r\nhello\r\n0\r\n\r\n", "plus sign"),
+        (b"-5\r\nhello\r\n0\r\n\r\n", "minus sign"),
+        (b"0x5\r\nhello\r\n0\r\n\r\n", "0x prefix"),
+        (b"5 5\r\nhello\r\n0\r\n\r\n", "two numbers"),
+        (b"\r\nhello\r\n0\r\n\r\n", "empty size"),
+    ] {
+        f.expect_error(&post_with("Transfer-Encoding: chunked\r\n", line), 400, what);
+    }
+}
+
+#[test]
+fn chunk_line_ending_in_bare_lf_is_answered_at_once() {
+    let mut f = Fixture::start(&[]);
+    // The client sends no more and keeps the connection open: the answer must not wait for
+    // the header timeout (10 s); the test's read timeout would fail first.
+    let started = std::time::Instant::now();
+    f.expect_error(&post_with("Transfer-Encoding: chunked\r\n", b"5\nhello"), 400, "bare LF after a size");
+    f.expect_error(&post_with("Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\n"), 400, "bare LF, last chunk");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "answered only after {:?}", started.elapsed());
+}
+
+#[test]
+fn trailers_are_bounded_like_a_head() {
+    let mut f = Fixture::start(&[]);
+    let mut body = b"5\r\nhello\r\n0\r\n".to_vec();
+    for i in 0..5000 {
+        body.extend_from_slice(format!("X-T{i}: v\r\n").as_bytes());
+    }
+    body.extend_from_slice(b"\r\n");
+    let mut conn = f.server.connect();
+    // The server answers as soon as the bound is passed; the rest of our write may fail.
+    let _ = conn.try_send(&post_with("Transfer-Encoding: chunked\r\n", &body));
+    read_error(&mut conn, 431, "5,000 trailer lines");
+    f.still_serves("after 5,000 trailer lines");
+    // A few trailers are fine.
+    let mut conn = f.server.connect();
+    conn.send(&post_with("Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\nX-A: 1\r\nX-B: 2\r\n\r\n"));
+    conn.read_response().expect("answer").assert_status(200, "two trailer lines");
+    assert_eq!(f.stream.expect_event("trailers publish").data, "hello");
+}
+
+#[test]
+fn invalid_percent_escapes_and_utf8_in_the_query_are_400() {
+    let mut f = Fixture::start(&[]);
+    f.expect_error(&raw_publish("topic=alive&event=%zz", b"x"), 400, "event=%zz");
+    f.expect_error(&raw_publish("topic=alive&event=%4", b"x"), 400, "truncated escape");
+    f.expect_error(&raw_publish("topic=alive&event=%ff%fe", b"x"), 400, "escapes that are not UTF-8");
+    f.expect_error(&get("/events?topic=alive%"), 400, "a stream request with a bare %");
+    // Valid escapes decode.
+    let mut conn = f.server.connect();
+    conn.send(&raw_publish("topic=alive&event=caf%C3%A9", b"x"));
+    conn.read_response().expect("answer").assert_status(200, "escaped UTF-8 event name");
+    assert_eq!(f.stream.expect_event("escaped event").event.as_deref(), Some("café"));
+}
+
+#[test]
+fn trickled_or_stalled_body_is_408_after_body_timeout() {
+    let mut f = Fixture::start(&["--body-timeout", "1s", "--header-timeout", "30s"]);
+    // One byte every 100 ms: each read is prompt, the whole body is not.
+    let mut conn = f.server.connect();
+    let mut writer = conn.stream.try_clone().unwrap();
+    let trickle = thread::spawn(move || {
+        use std::io::Write;
+        let _ = writer.write_all(&post_with("Content-Length: 100\r\n", b""));
+        for _ in 0..100 {
+            thread::sleep(Duration::from_millis(100));
+            if writer.write_all(b"a").is_err() {
+                return;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    read_error(&mut conn, 408, "trickled body");
+    assert!(started.elapsed() < Duration::from_secs(5), "408 only after {:?}", started.elapsed());
+    trickle.join().unwrap();
+    // A chunked body that stalls half way.
+    let mut conn = f.server.connect();
+    conn.send(&post_with("Transfer-Encoding: chunked\r\n", b"5\r\nhel"));
+    read_error(&mut conn, 408, "stalled chunked body");
+    f.still_serves("408 body");
+}
