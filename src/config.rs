@@ -126,6 +126,22 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_SPIN", default_value = "0", value_parser = parse_duration)]
     pub spin: Duration,
 
+    /// A shared secret that `POST /publish` must present as `Authorization: Bearer <key>`
+    /// (401 otherwise). Without it, publishing needs no credential but is taken only from
+    /// --publish-from addresses.
+    #[arg(long, env = "RINGCAST_PUBLISH_KEY", hide_env_values = true)]
+    pub publish_key: Option<String>,
+
+    /// Addresses (CIDR, comma-separated) that may publish without --publish-key: loopback by
+    /// default, so a node reachable from the internet is not an open relay by accident. Behind
+    /// a proxy on the same host every client looks local: set --publish-key there.
+    #[arg(long, env = "RINGCAST_PUBLISH_FROM", value_delimiter = ',', default_value = "127.0.0.0/8,::1/128")]
+    pub publish_from: Vec<crate::access::Cidr>,
+
+    /// Anyone who can reach the port may publish (no key, any address).
+    #[arg(long, env = "RINGCAST_PUBLISH_OPEN")]
+    pub publish_open: bool,
+
     /// Redis for several nodes (`redis://host:port/db`): cluster-wide ids and history, events
     /// relayed between nodes, `FCALL ringcast_publish` for other services. Without it the node
     /// runs alone.

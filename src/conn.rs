@@ -18,6 +18,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
 use std::future::Future;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
@@ -37,9 +38,9 @@ const WATCH_BUF: usize = 64;
 
 /// Runs a connection so that a panic ends only this connection, never the core's runtime
 /// (monoio 0.2.4 lets a task's panic unwind out of `block_on`).
-pub async fn serve_guarded(worker: Rc<Worker>, stream: TcpStream, over_limit: bool) {
+pub async fn serve_guarded(worker: Rc<Worker>, stream: TcpStream, over_limit: bool, peer: IpAddr) {
     let count = ConnectionCount(worker.shared.clone());
-    if CatchUnwind(serve(worker, stream, over_limit, count)).await.is_err() {
+    if CatchUnwind(serve(worker, stream, over_limit, peer, count)).await.is_err() {
         log::error!("a connection task panicked; the connection was closed");
     }
 }
@@ -237,7 +238,7 @@ fn read_ready(stream: &TcpStream, buf: &mut BytesMut) -> bool {
 }
 
 /// `count` holds this connection's place in the open-connection count until it closes.
-async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, count: ConnectionCount) {
+async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer: IpAddr, count: ConnectionCount) {
     let cfg = worker.cfg.clone();
     let mut buf = BytesMut::new();
     let mut out: Vec<u8> = Vec::new();
@@ -269,6 +270,13 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, coun
 
         if let Err(e) = check_route(&req) {
             return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await;
+        }
+        if req.path == "/publish" && req.method == Method::Post {
+            // Before the body is read: a refused publisher does not get to upload it.
+            if let Err(e) = worker.access.check(peer, req.authorization.as_deref()) {
+                worker.stats().count_refusal(&e);
+                return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await;
+            }
         }
         if !body_in_buffer(&req, &buf) && !resolve(&worker, &mut pending, &mut out).await {
             flush(&mut stream, &mut out).await;

@@ -34,6 +34,8 @@ pub struct Request {
     pub content_length: Option<usize>,
     pub content_type: Option<String>,
     pub last_event_id: Option<String>,
+    /// `Authorization` as sent.
+    pub authorization: Option<String>,
     /// `Accept-Encoding` allows gzip.
     pub accepts_gzip: bool,
 }
@@ -50,6 +52,10 @@ pub enum BodyKind {
 pub enum HttpError {
     BadRequest(&'static str),
     BadInput(String),
+    /// No or a wrong publish credential (answered with `WWW-Authenticate: Bearer`).
+    Unauthorized,
+    /// This client may not do this (e.g. publish from outside --publish-from).
+    Forbidden(&'static str),
     NotFound,
     MethodNotAllowed(&'static str),
     Timeout,
@@ -65,6 +71,8 @@ impl HttpError {
     pub fn status(&self) -> (u16, &'static str) {
         match self {
             HttpError::BadRequest(_) | HttpError::BadInput(_) => (400, "Bad Request"),
+            HttpError::Unauthorized => (401, "Unauthorized"),
+            HttpError::Forbidden(_) => (403, "Forbidden"),
             HttpError::NotFound => (404, "Not Found"),
             HttpError::MethodNotAllowed(_) => (405, "Method Not Allowed"),
             HttpError::Timeout => (408, "Request Timeout"),
@@ -80,6 +88,8 @@ impl HttpError {
         match self {
             HttpError::BadRequest(why) => why,
             HttpError::BadInput(why) => why,
+            HttpError::Unauthorized => "publishing needs Authorization: Bearer <publish key>",
+            HttpError::Forbidden(why) => why,
             HttpError::NotFound => "no such path",
             HttpError::MethodNotAllowed(_) => "method not allowed",
             HttpError::Timeout => "request head not received in time",
@@ -98,6 +108,7 @@ impl HttpError {
         match self {
             HttpError::MethodNotAllowed(allow) => extra = format!("Allow: {allow}\r\n"),
             HttpError::Unavailable => extra.push_str("Retry-After: 1\r\n"),
+            HttpError::Unauthorized => extra.push_str("WWW-Authenticate: Bearer realm=\"ringcast\"\r\n"),
             _ => {}
         }
         let body = format!("{}\n", self.reason());
@@ -167,6 +178,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
     let mut keep_alive = http11;
     let mut content_type = None;
     let mut last_event_id = None;
+    let mut authorization = None;
     let mut accepts_gzip = false;
     for h in req.headers.iter() {
         if header_eq(h.name, "content-length") {
@@ -199,6 +211,8 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
             accepts_gzip |= accepts_coding(h.value, "gzip");
         } else if header_eq(h.name, "last-event-id") {
             last_event_id = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
+        } else if header_eq(h.name, "authorization") {
+            authorization = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
         }
     }
     if has_te && content_length.is_some() {
@@ -220,6 +234,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
         content_length,
         content_type,
         last_event_id,
+        authorization,
         accepts_gzip,
     };
     buf.advance(head_len);

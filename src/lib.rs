@@ -2,6 +2,7 @@
 //!
 //! Layout (one line per module, what it owns):
 //! - `config`   every flag and env var, with defaults and their reasons
+//! - `access`   who may publish: the publish key, the addresses allowed without one
 //! - `server`   start-up and shutdown: the broker, its chores thread, core threads, signals, drain
 //! - `runtime`  one core's thread: monoio runtime, SO_REUSEPORT listener, accept, heartbeat,
 //!   the mailbox loop (sliced fan-out), drain
@@ -23,6 +24,7 @@
 //! - `event`    the shared vocabulary: an event and its id, a publish, a stream's key, core
 //!   messages (below every module on the publish path, so imports run one way)
 
+pub mod access;
 pub mod broker;
 pub mod cluster;
 pub mod config;

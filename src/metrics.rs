@@ -22,12 +22,25 @@ pub struct CoreStats {
     /// `PUBLISH_BUCKETS_US` (the last one: slower), and the sum in nanoseconds.
     pub publish_buckets: [AtomicU64; PUBLISH_BUCKETS_US.len() + 1],
     pub publish_ns: AtomicU64,
+    /// Publishes refused: no or a wrong key (401), an address not allowed (403).
+    pub refused_unauthorized: AtomicU64,
+    pub refused_forbidden: AtomicU64,
 }
 
 /// Upper bounds (microseconds) of the publish-time histogram buckets.
 pub const PUBLISH_BUCKETS_US: [u64; 12] = [10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000];
 
 impl CoreStats {
+    /// Counts a refused request by its kind (those without a counter of their own are not).
+    pub fn count_refusal(&self, err: &crate::http::HttpError) {
+        let counter = match err {
+            crate::http::HttpError::Unauthorized => &self.refused_unauthorized,
+            crate::http::HttpError::Forbidden(_) => &self.refused_forbidden,
+            _ => return,
+        };
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
     /// Counts one publish that took `took`. Only the owning core writes its counters, so a
     /// plain load and store suffice (no locked read-modify-write on the publish path).
     pub fn record_publish(&self, took: std::time::Duration) {
@@ -167,6 +180,17 @@ impl Shared {
             out,
             "# HELP ringcast_node_info This node's name.\n# TYPE ringcast_node_info gauge\nringcast_node_info{{node=\"{}\"}} 1\n",
             self.node_id.replace(['\\', '"', '\n'], "_")
+        );
+        let refused =
+            |f: fn(&CoreStats) -> &AtomicU64| -> u64 { self.cores.iter().map(|c| f(c).load(Ordering::Relaxed)).sum() };
+        let _ = write!(
+            out,
+            "# HELP ringcast_publish_refused_total Publishes refused, by reason.\n\
+             # TYPE ringcast_publish_refused_total counter\n\
+             ringcast_publish_refused_total{{reason=\"unauthorized\"}} {}\n\
+             ringcast_publish_refused_total{{reason=\"forbidden\"}} {}\n",
+            refused(|c| &c.refused_unauthorized),
+            refused(|c| &c.refused_forbidden)
         );
         self.render_publish_histogram(&mut out);
         out

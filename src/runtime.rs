@@ -224,14 +224,14 @@ async fn drain(worker: Rc<Worker>, canceller: Canceller, accept: monoio::task::J
 async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::io::CancelHandle) {
     loop {
         match listener.cancelable_accept(cancel.clone()).await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 if worker.draining.get() {
                     break; // dropping the stream closes it: no fd leaks on a late accept
                 }
                 let _ = stream.set_nodelay(true);
                 let open = worker.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
                 let over_limit = open > worker.shared.max_connections;
-                monoio::spawn(conn::serve_guarded(worker.clone(), stream, over_limit));
+                monoio::spawn(conn::serve_guarded(worker.clone(), stream, over_limit, peer.ip()));
             }
             Err(_) if worker.draining.get() => break,
             Err(e) => match e.raw_os_error() {

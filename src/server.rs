@@ -74,6 +74,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
             .map_err(|e| io::Error::new(e.kind(), format!("core {index}: {e}")))?;
     }
     println!("ringcast listening on {addr}");
+    log::info!("{}", crate::access::PublishAccess::new(&cfg).describe());
     io::stdout().flush()?;
     log::info!(
         "node {node_id}: {cores} core(s), max {max_connections} connections, heartbeat {:?}, driver {:?}, {}",

@@ -1,6 +1,7 @@
 //! What one core's tasks share (never across threads): its config and counters, its hub of
 //! streams, the broker handle, the drain flag, and how it slices long fan-outs.
 
+use crate::access::PublishAccess;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::hub::{Hub, HubLimits};
@@ -30,6 +31,7 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     pub hub: Rc<RefCell<Hub>>,
     pub broker: Arc<Broker>,
+    pub access: PublishAccess,
     pub draining: Cell<bool>,
     rng: Cell<u64>,
     /// Streams per slice of sends (adapts to `SLICE_TARGET`).
@@ -48,6 +50,7 @@ impl Worker {
                 windowed: !cfg.batch_window.is_zero(),
                 batch_max: cfg.batch_max.max(1),
             }),
+            access: PublishAccess::new(&cfg),
             cfg,
             shared,
             broker,

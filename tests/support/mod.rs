@@ -271,6 +271,13 @@ impl Conn {
         Conn { stream, buf: Vec::new() }
     }
 
+    /// Wraps a stream the caller connected (e.g. from a chosen source address).
+    pub fn from_stream(stream: TcpStream) -> Conn {
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let _ = stream.set_nodelay(true);
+        Conn { stream, buf: Vec::new() }
+    }
+
     /// Writes all of `bytes`; panics on error.
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
