@@ -208,6 +208,7 @@ impl Broker {
         let mut state = self.lock();
         state.history.expire(now_ms());
         self.shared.retained_events.store(state.history.retained(), Ordering::Relaxed);
+        self.shared.retained_bytes.store(state.history.retained_bytes(), Ordering::Relaxed);
     }
 
     /// Asks every core to drain and stop (blocks while a mailbox is full: cores keep reading).

@@ -111,6 +111,11 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_HISTORY_MAX_ENTRIES", default_value_t = 1_000_000)]
     pub history_max_entries: usize,
 
+    /// Estimated memory of retained history, all topics together; the oldest events go first
+    /// beyond it (an event costs its frame plus ~400 bytes; see docs/BENCHMARKS.md §5).
+    #[arg(long, env = "RINGCAST_HISTORY_MAX_BYTES", default_value_t = 256 << 20)]
+    pub history_max_bytes: usize,
+
     /// Retained events older than this are dropped (0 disables history).
     #[arg(long, env = "RINGCAST_HISTORY_TTL", default_value = "1h", value_parser = parse_duration)]
     pub history_ttl: Duration,

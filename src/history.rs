@@ -39,8 +39,15 @@ pub struct Gap {
     pub oldest: Option<EventId>,
 }
 
+/// Memory a retained event costs beyond its frame and topic names (the `Arc<Event>`, queue
+/// slots, allocator rounding): ~390 B of RSS measured per 100-byte event (docs/BENCHMARKS.md §5).
+const EVENT_OVERHEAD: usize = 400;
+
 pub struct History {
     topics: HashMap<Box<str>, TopicHistory>,
+    /// Estimated memory of the events in `order` (see `cost`), bounded by `max_bytes`.
+    bytes: usize,
+    max_bytes: usize,
     /// Every retained event in id order, for the process-wide bound.
     order: VecDeque<Arc<Event>>,
     /// (topic, event) entries held, bounded by `max_entries`.
@@ -59,6 +66,8 @@ impl History {
     pub fn new(max_per_topic: usize, max_entries: usize, ttl_ms: u64, first_id: EventId) -> Self {
         History {
             topics: HashMap::new(),
+            bytes: 0,
+            max_bytes: usize::MAX,
             order: VecDeque::new(),
             entries: 0,
             max_entries,
@@ -67,6 +76,17 @@ impl History {
             first_id,
             forgotten_upto: None,
         }
+    }
+
+    /// Bounds the retained events' memory too (`--history-max-bytes`): oldest first beyond it.
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Estimated bytes retained.
+    pub fn retained_bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn enabled(&self) -> bool {
@@ -95,9 +115,11 @@ impl History {
             }
         }
         self.order.push_back(event.clone());
-        // Publishing to ever new topics must not grow memory without bound either.
-        while self.entries > self.max_entries {
+        self.bytes += cost(event);
+        // Publishing to ever new topics, or large events, must not grow memory without bound.
+        while self.entries > self.max_entries || self.bytes > self.max_bytes {
             let Some(oldest) = self.order.pop_front() else { break };
+            self.bytes -= cost(&oldest);
             for topic in oldest.topics.iter() {
                 if let Some(entry) = self.topics.get_mut(&**topic) {
                     if entry.events.front().is_some_and(|e| e.id == oldest.id) {
@@ -120,7 +142,9 @@ impl History {
             if held {
                 break;
             }
-            self.order.pop_front();
+            if let Some(gone) = self.order.pop_front() {
+                self.bytes -= cost(&gone);
+            }
         }
     }
 
@@ -215,6 +239,11 @@ impl History {
     }
 }
 
+/// What retaining `event` costs in memory (estimated; its frame is shared with the live path).
+fn cost(event: &Event) -> usize {
+    event.frame.memory() + event.topics.iter().map(|t| t.len()).sum::<usize>() + EVENT_OVERHEAD
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -229,6 +258,23 @@ mod tests {
         let r = h.replay(&t(&["a", "c", "e"]), &ReplayFrom::After(EventId { ms: 0, seq: 0 }), last, 6);
         assert_eq!(ids(&r), vec![3, 5]);
         assert_eq!(r.gap.unwrap().topics, t(&["a"]));
+    }
+
+    #[test]
+    fn byte_budget_evicts_oldest_first() {
+        // Room for three events (ids 8-10 are a byte or two longer than id 1).
+        let budget = 3 * cost(&ev(1, &["a"])) + 16;
+        let mut h = History::new(100, 1000, 3_600_000, EventId { ms: 0, seq: 0 }).with_max_bytes(budget);
+        for ms in 1..=10 {
+            h.record(&ev(ms, &["a"]));
+            assert!(h.retained_bytes() <= budget, "over budget after {ms}");
+        }
+        assert_eq!(h.retained(), 3);
+        let r = h.replay(&t(&["a"]), &ReplayFrom::After(EventId { ms: 1, seq: 0 }), EventId { ms: 10, seq: 0 }, 11);
+        assert_eq!(ids(&r), vec![8, 9, 10]);
+        assert!(r.gap.is_some(), "evicted by the byte budget: the resume must see the gap");
+        h.expire(3_600_000 + 20);
+        assert_eq!((h.retained(), h.retained_bytes()), (0, 0), "expiry gives the bytes back");
     }
 
     use super::*;

@@ -62,6 +62,7 @@ pub struct Shared {
     pub events_published: AtomicU64,
     /// Written by the broker's chores thread once a second.
     pub retained_events: AtomicUsize,
+    pub retained_bytes: AtomicUsize,
     pub cores: Vec<CoreStats>,
 }
 
@@ -74,6 +75,7 @@ impl Shared {
             max_connections,
             events_published: AtomicU64::new(0),
             retained_events: AtomicUsize::new(0),
+            retained_bytes: AtomicUsize::new(0),
             cores: (0..cores).map(|_| CoreStats::default()).collect(),
         }
     }
@@ -129,6 +131,12 @@ impl Shared {
             "gauge",
             "Events retained for resume (each shared by its topics).",
             self.retained_events.load(Ordering::Relaxed) as u64,
+        );
+        metric(
+            "ringcast_history_bytes",
+            "gauge",
+            "Estimated memory of retained events (bounded by --history-max-bytes).",
+            self.retained_bytes.load(Ordering::Relaxed) as u64,
         );
         metric(
             "ringcast_frames_queued_total",

@@ -37,7 +37,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
 
     let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();
     let first_id = IdClock::default().next_id();
-    let history = History::new(cfg.history, cfg.history_max_entries, cfg.history_ttl.as_millis() as u64, first_id);
+    let history = History::new(cfg.history, cfg.history_max_entries, cfg.history_ttl.as_millis() as u64, first_id)
+        .with_max_bytes(cfg.history_max_bytes);
     let broker = Arc::new(Broker::new(senders, shared.clone(), history, cfg.gzip_min_bytes));
     let mut redis_threads = Vec::new();
     if let Some(url) = &cfg.redis {

@@ -80,6 +80,11 @@ impl Frame {
         self
     }
 
+    /// Bytes this frame holds (chunk and gzip chunk).
+    pub fn memory(&self) -> usize {
+        self.chunk.len() + self.gz.as_ref().map_or(0, |gz| gz.len())
+    }
+
     /// The same frame in freshly allocated memory (a refcount of its own).
     pub fn copied(&self) -> Frame {
         Frame {

@@ -951,3 +951,25 @@ fn events_published_once_the_head_is_here_are_never_lost() {
         );
     }
 }
+
+#[test]
+fn history_byte_budget_keeps_the_newest_events_within_it() {
+    let server = Server::start(&["--history-max-bytes", "20000"]);
+    let data = "x".repeat(1000);
+    let ids: Vec<String> = (0..100).map(|_| server.publish("budget", &data)).collect();
+    let mut s = SseStream::open(server.addr, "/events?topic=budget&history=100&history-end=1").expect("stream");
+    s.head.assert_status(200, "history stream");
+    let mut got = Vec::new();
+    loop {
+        let ev = s.expect_event("history");
+        if ev.event.as_deref() == Some("ringcast-history-end") {
+            break;
+        }
+        got.push(ev.id.expect("id"));
+    }
+    // ~1.4 KB per retained 1,000-byte event: about 14 fit in 20,000 bytes, the newest ones.
+    assert!(!got.is_empty() && got.len() < 20, "{} events retained", got.len());
+    assert_eq!(got[..], ids[ids.len() - got.len()..], "not the newest events, in order");
+    let bytes = server.wait_for_metric("ringcast_history_bytes", Duration::from_secs(5), |v| v > 0.0);
+    assert!(bytes <= 20000.0, "ringcast_history_bytes {bytes}");
+}
