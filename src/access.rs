@@ -1,8 +1,10 @@
-//! Who may publish: the shared publish key (`--publish-key`), and the addresses that may publish
-//! without one (`--publish-from`, loopback by default; `--publish-open`: anyone).
+//! Who may do what: the shared publish key (`--publish-key`), the addresses that may publish
+//! without one (`--publish-from`, loopback by default; `--publish-open`: anyone), and which web
+//! origins browsers may let read responses (`--cors-origin`).
 
 use crate::config::Config;
 use crate::http::HttpError;
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::str::FromStr;
 
@@ -89,6 +91,41 @@ impl PublishAccess {
                 "publishing is open only to {} (set --publish-key or --publish-open for others)",
                 self.from.iter().map(|c| format!("{}/{}", c.net, c.prefix)).collect::<Vec<_>>().join(", ")
             ),
+        }
+    }
+}
+
+/// `--cors-origin`: `*` (any page may read public feeds; no credentials), or an allow-list whose
+/// origins are echoed with credentials allowed (an EventSource `withCredentials` sends cookies).
+pub struct Cors {
+    /// `None`: any origin.
+    origins: Option<Vec<String>>,
+}
+
+impl Cors {
+    pub fn new(cfg: &Config) -> Cors {
+        let any = cfg.cors_origin.is_empty() || cfg.cors_origin.iter().any(|o| o.trim() == "*");
+        let origins = cfg.cors_origin.iter().map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase()).collect();
+        Cors { origins: if any { None } else { Some(origins) } }
+    }
+
+    /// The CORS header lines for a response to a request from `origin` (none for an origin
+    /// not on the list: the browser then keeps the response from the page).
+    pub fn headers(&self, origin: Option<&str>) -> Cow<'static, str> {
+        let Some(list) = &self.origins else { return Cow::Borrowed("Access-Control-Allow-Origin: *\r\n") };
+        match origin.filter(|o| list.iter().any(|allowed| allowed.eq_ignore_ascii_case(o))) {
+            Some(o) => Cow::Owned(format!(
+                "Access-Control-Allow-Origin: {o}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n"
+            )),
+            None => Cow::Borrowed("Vary: Origin\r\n"),
+        }
+    }
+
+    /// Whether a preflight from `origin` is answered with CORS headers.
+    pub fn allows(&self, origin: Option<&str>) -> bool {
+        match &self.origins {
+            None => true,
+            Some(list) => origin.is_some_and(|o| list.iter().any(|allowed| allowed.eq_ignore_ascii_case(o))),
         }
     }
 }

@@ -147,6 +147,12 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_PUBLISH_OPEN")]
     pub publish_open: bool,
 
+    /// Web origins whose pages may read streams and publish answers (comma-separated or
+    /// repeated), echoed with `Access-Control-Allow-Credentials: true`; `*` (default): any page,
+    /// without credentials. Other origins get no CORS headers.
+    #[arg(long, env = "RINGCAST_CORS_ORIGIN", value_delimiter = ',', default_value = "*")]
+    pub cors_origin: Vec<String>,
+
     /// Redis for several nodes (`redis://host:port/db`): cluster-wide ids and history, events
     /// relayed between nodes, `FCALL ringcast_publish` for other services. Without it the node
     /// runs alone.

@@ -17,6 +17,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
@@ -120,9 +121,9 @@ async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>) -> bool {
     res.is_ok()
 }
 
-/// Writes an error response and closes.
-async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError) {
-    err.write_response(out);
+/// Writes an error response (with its CORS lines) and closes.
+async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError, cors: &str) {
+    err.write_response(out, cors);
     flush(stream, out).await;
 }
 
@@ -131,8 +132,9 @@ async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError) {
 #[derive(Default)]
 struct Pending {
     publishes: Vec<Publish>,
-    /// Per publish: keep the connection open after its answer; when its request was parsed.
-    answers: Vec<(bool, std::time::Instant)>,
+    /// Per publish: keep the connection open after its answer; when its request was parsed;
+    /// its CORS lines.
+    answers: Vec<(bool, std::time::Instant, Cow<'static, str>)>,
     ids: Vec<EventId>,
 }
 
@@ -141,9 +143,9 @@ impl Pending {
         self.publishes.is_empty()
     }
 
-    fn push(&mut self, publish: Publish, keep_alive: bool, parsed: std::time::Instant) {
+    fn push(&mut self, publish: Publish, keep_alive: bool, parsed: std::time::Instant, cors: Cow<'static, str>) {
         self.publishes.push(publish);
-        self.answers.push((keep_alive, parsed));
+        self.answers.push((keep_alive, parsed, cors));
     }
 }
 
@@ -186,10 +188,10 @@ async fn resolve(worker: &Worker, pending: &mut Pending, out: &mut Vec<u8>) -> b
         }
         monoio::time::sleep(FULL_RETRY).await;
     }
-    for (id, (keep_alive, parsed)) in pending.ids.drain(..).zip(pending.answers.drain(..)) {
+    for (id, (keep_alive, parsed, cors)) in pending.ids.drain(..).zip(pending.answers.drain(..)) {
         let json =
             if degraded { format!("{{\"id\":\"{id}\",\"degraded\":true}}") } else { format!("{{\"id\":\"{id}\"}}") };
-        write_response(out, 200, "OK", "application/json", json.as_bytes(), keep_alive);
+        write_response(out, 200, "OK", "application/json", json.as_bytes(), keep_alive, &cors);
         worker.stats().record_publish(parsed.elapsed());
     }
     true
@@ -197,23 +199,25 @@ async fn resolve(worker: &Worker, pending: &mut Pending, out: &mut Vec<u8>) -> b
 
 /// The publishers waited too long for room: one 503 for them all; the connection closes.
 fn busy(pending: &mut Pending, out: &mut Vec<u8>) -> bool {
+    let cors = pending.answers.first().map(|a| a.2.clone()).unwrap_or_default();
     pending.publishes.clear();
     pending.answers.clear();
     pending.ids.clear();
-    HttpError::Unavailable.write_response(out);
+    HttpError::Unavailable.write_response(out, &cors);
     false
 }
 
-/// Answers what is pending, then the error, and closes.
+/// Answers what is pending, then the error (with `cors`), and closes.
 async fn resolve_then_fail(
     worker: &Worker,
     pending: &mut Pending,
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
     e: HttpError,
+    cors: &str,
 ) {
     if resolve(worker, pending, out).await {
-        e.write_response(out);
+        e.write_response(out, cors);
     }
     flush(stream, out).await;
 }
@@ -249,7 +253,10 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             match parse_request(&mut buf, cfg.max_head_bytes) {
                 Ok(Some(req)) => break (req, std::time::Instant::now()),
                 Ok(None) => {}
-                Err(e) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await,
+                Err(e) => {
+                    let cors = worker.cors.headers(None);
+                    return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
+                }
             }
             if !pending.is_empty() {
                 // Gather every publish the client pipelined before publishing them together.
@@ -264,18 +271,21 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             match fill(&mut stream, &mut buf, &mut out, deadline).await {
                 Ok(()) => {}
                 Err(ReadError::Closed) => return,
-                Err(ReadError::Timeout) => return fail(&mut stream, &mut out, HttpError::Timeout).await,
+                Err(ReadError::Timeout) => {
+                    return fail(&mut stream, &mut out, HttpError::Timeout, &worker.cors.headers(None)).await
+                }
             }
         };
 
+        let cors = worker.cors.headers(req.origin.as_deref());
         if let Err(e) = check_route(&req) {
-            return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await;
+            return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
         }
         if req.path == "/publish" && req.method == Method::Post {
             // Before the body is read: a refused publisher does not get to upload it.
             if let Err(e) = worker.access.check(peer, req.authorization.as_deref()) {
                 worker.stats().count_refusal(&e);
-                return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await;
+                return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
             }
         }
         if !body_in_buffer(&req, &buf) && !resolve(&worker, &mut pending, &mut out).await {
@@ -284,15 +294,15 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
         }
         let body = match read_body(&mut stream, &mut buf, &mut out, &req, &cfg).await {
             Ok(body) => body,
-            Err(Some(e)) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await,
+            Err(Some(e)) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await,
             Err(None) => return,
         };
         let keep_alive = req.keep_alive && !worker.draining.get() && !over_limit;
 
         if req.path == "/publish" && req.method == Method::Post && !over_limit {
             match parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics) {
-                Ok(publish) => pending.push(publish, keep_alive, parsed),
-                Err(e) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e).await,
+                Ok(publish) => pending.push(publish, keep_alive, parsed, cors),
+                Err(e) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await,
             }
             if !keep_alive {
                 resolve(&worker, &mut pending, &mut out).await;
@@ -310,7 +320,7 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
         if over_limit {
             worker.stats().shed.fetch_add(1, Ordering::Relaxed);
             if req.path == "/events" && req.method == Method::Get {
-                write_stream_head(&mut out, req.http11, false);
+                write_stream_head(&mut out, req.http11, false, &cors);
                 put_chunk(&mut out, retry_frame(worker.jitter(2000, 5000)).body().as_ref(), req.http11);
                 if req.http11 {
                     out.extend_from_slice(LAST_CHUNK);
@@ -318,7 +328,7 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
                 flush(&mut stream, &mut out).await;
                 return;
             }
-            return fail(&mut stream, &mut out, HttpError::Unavailable).await;
+            return fail(&mut stream, &mut out, HttpError::Unavailable, &cors).await;
         }
 
         match (req.path.as_str(), req.method) {
@@ -329,22 +339,28 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             }
             ("/health", Method::Get) => {
                 let health = worker.shared.health();
-                write_response(&mut out, 200, "OK", "application/json", health.as_bytes(), keep_alive)
+                write_response(&mut out, 200, "OK", "application/json", health.as_bytes(), keep_alive, &cors)
             }
             ("/metrics", Method::Get) => {
                 let text = worker.shared.render();
-                write_response(&mut out, 200, "OK", "text/plain; version=0.0.4", text.as_bytes(), keep_alive);
+                write_response(&mut out, 200, "OK", "text/plain; version=0.0.4", text.as_bytes(), keep_alive, &cors);
             }
             (_, Method::Options) => {
+                // A preflight (e.g. a page's fetch POST /publish with a key): allowed origins
+                // get the CORS answer, others only `Allow` (the browser then refuses).
                 let allow = allowed_methods(&req.path).unwrap_or("OPTIONS");
+                let preflight = if worker.cors.allows(req.origin.as_deref()) {
+                    format!(
+                        "{cors}Access-Control-Allow-Methods: {allow}\r\n\
+                         Access-Control-Allow-Headers: Content-Type, Last-Event-ID, Authorization\r\n\
+                         Access-Control-Max-Age: 600\r\n"
+                    )
+                } else {
+                    cors.to_string()
+                };
                 let _ = std::io::Write::write_fmt(
                     &mut out,
-                    format_args!(
-                        "HTTP/1.1 204 No Content\r\nAllow: {allow}\r\nAccess-Control-Allow-Origin: *\r\n\
-                         Access-Control-Allow-Methods: {allow}\r\n\
-                         Access-Control-Allow-Headers: Content-Type, Last-Event-ID\r\n\
-                         Access-Control-Max-Age: 600\r\nContent-Length: 0\r\n\r\n"
-                    ),
+                    format_args!("HTTP/1.1 204 No Content\r\nAllow: {allow}\r\n{preflight}Content-Length: 0\r\n\r\n"),
                 );
             }
             _ => unreachable!("check_route admits only routed requests"),
@@ -452,9 +468,10 @@ async fn stream_events(
             _ => {}
         }
     }
+    let cors = worker.cors.headers(req.origin.as_deref());
     let topics = match validate_topics(names.iter().map(String::as_str), worker.cfg.max_topics) {
         Ok(t) => t,
-        Err(e) => return fail(&mut stream, &mut out, e).await,
+        Err(e) => return fail(&mut stream, &mut out, e, &cors).await,
     };
     // The header is what EventSource sends on reconnect, newer than the page's query value.
     let resume = req.last_event_id.clone().filter(|s| !s.is_empty()).or(query_resume.filter(|s| !s.is_empty()));
@@ -471,7 +488,7 @@ async fn stream_events(
         (true, true) => Wire::Gzip,
     };
     // Pipelined answers, the stream head and the opening lines leave in one write.
-    write_stream_head(&mut out, wire != Wire::Raw, wire == Wire::Gzip);
+    write_stream_head(&mut out, wire != Wire::Raw, wire == Wire::Gzip, &cors);
     if wire == Wire::Gzip {
         out.extend_from_slice(&gzip::opening_chunk(OPENING_SSE));
     } else {

@@ -36,6 +36,8 @@ pub struct Request {
     pub last_event_id: Option<String>,
     /// `Authorization` as sent.
     pub authorization: Option<String>,
+    /// `Origin` as sent (browsers, for CORS).
+    pub origin: Option<String>,
     /// `Accept-Encoding` allows gzip.
     pub accepts_gzip: bool,
 }
@@ -101,12 +103,12 @@ impl HttpError {
         }
     }
 
-    /// The whole response: plain-text reason, `Connection: close`.
-    pub fn write_response(&self, out: &mut Vec<u8>) {
+    /// The whole response: plain-text reason, `Connection: close`; `cors`: its CORS lines.
+    pub fn write_response(&self, out: &mut Vec<u8>, cors: &str) {
         let (code, text) = self.status();
-        let mut extra = String::new();
+        let mut extra = String::from(cors);
         match self {
-            HttpError::MethodNotAllowed(allow) => extra = format!("Allow: {allow}\r\n"),
+            HttpError::MethodNotAllowed(allow) => extra.push_str(&format!("Allow: {allow}\r\n")),
             HttpError::Unavailable => extra.push_str("Retry-After: 1\r\n"),
             HttpError::Unauthorized => extra.push_str("WWW-Authenticate: Bearer realm=\"ringcast\"\r\n"),
             _ => {}
@@ -179,6 +181,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
     let mut content_type = None;
     let mut last_event_id = None;
     let mut authorization = None;
+    let mut origin = None;
     let mut accepts_gzip = false;
     for h in req.headers.iter() {
         if header_eq(h.name, "content-length") {
@@ -213,6 +216,8 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
             last_event_id = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
         } else if header_eq(h.name, "authorization") {
             authorization = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
+        } else if header_eq(h.name, "origin") {
+            origin = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
         }
     }
     if has_te && content_length.is_some() {
@@ -235,6 +240,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
         content_type,
         last_event_id,
         authorization,
+        origin,
         accepts_gzip,
     };
     buf.advance(head_len);
@@ -403,31 +409,42 @@ pub fn write_head(
         out,
         format_args!(
             "HTTP/1.1 {code} {text}\r\nContent-Type: {content_type}\r\nContent-Length: {content_length}\r\n\
-             Access-Control-Allow-Origin: *\r\nCache-Control: no-store\r\nConnection: {connection}\r\n{extra}\r\n"
+             Cache-Control: no-store\r\nConnection: {connection}\r\n{extra}\r\n"
         ),
     );
 }
 
-/// A complete response with a body.
-pub fn write_response(out: &mut Vec<u8>, code: u16, text: &str, content_type: &str, body: &[u8], keep_alive: bool) {
-    write_head(out, code, text, content_type, body.len(), "", keep_alive);
+/// A complete response with a body; `cors`: its CORS header lines.
+pub fn write_response(
+    out: &mut Vec<u8>,
+    code: u16,
+    text: &str,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+    cors: &str,
+) {
+    write_head(out, code, text, content_type, body.len(), cors, keep_alive);
     out.extend_from_slice(body);
 }
 
 /// Head of an event stream: chunked on HTTP/1.1, unframed until close on HTTP/1.0.
-pub fn write_stream_head(out: &mut Vec<u8>, chunked: bool, gzip: bool) {
+pub fn write_stream_head(out: &mut Vec<u8>, chunked: bool, gzip: bool, cors: &str) {
     if gzip {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nVary: Accept-Encoding\r\n");
         out.extend_from_slice(
             b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n\
-              X-Accel-Buffering: no\r\nAccess-Control-Allow-Origin: *\r\nTransfer-Encoding: chunked\r\n\r\n",
+              X-Accel-Buffering: no\r\n",
         );
+        out.extend_from_slice(cors.as_bytes());
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
         return;
     }
     out.extend_from_slice(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n\
-          X-Accel-Buffering: no\r\nAccess-Control-Allow-Origin: *\r\n",
+          X-Accel-Buffering: no\r\n",
     );
+    out.extend_from_slice(cors.as_bytes());
     if chunked {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
     } else {

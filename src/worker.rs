@@ -1,7 +1,7 @@
 //! What one core's tasks share (never across threads): its config and counters, its hub of
 //! streams, the broker handle, the drain flag, and how it slices long fan-outs.
 
-use crate::access::PublishAccess;
+use crate::access::{Cors, PublishAccess};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::hub::{Hub, HubLimits};
@@ -32,6 +32,7 @@ pub struct Worker {
     pub hub: Rc<RefCell<Hub>>,
     pub broker: Arc<Broker>,
     pub access: PublishAccess,
+    pub cors: Cors,
     pub draining: Cell<bool>,
     rng: Cell<u64>,
     /// Streams per slice of sends (adapts to `SLICE_TARGET`).
@@ -51,6 +52,7 @@ impl Worker {
                 batch_max: cfg.batch_max.max(1),
             }),
             access: PublishAccess::new(&cfg),
+            cors: Cors::new(&cfg),
             cfg,
             shared,
             broker,
