@@ -1,12 +1,21 @@
 //! Who may do what: the shared publish key (`--publish-key`), the addresses that may publish
 //! without one (`--publish-from`, loopback by default; `--publish-open`: anyone), and which web
-//! origins browsers may let read responses (`--cors-origin`).
+//! origins browsers may let read responses (`--cors-origin`), and how much one client address may
+//! take (`--max-streams-per-ip`, `--new-streams-per-ip`, `--publishes-per-ip`, `--trust-proxy`).
 
 use crate::config::Config;
 use crate::http::HttpError;
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Client entries kept while idle (no open stream); past this many, idle ones are dropped, so
+/// the table is bounded by open streams plus this.
+const IDLE_CLIENTS: usize = 65_536;
 
 /// An address block, `10.0.0.0/8` or `::1/128` (a bare address is a block of one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +139,147 @@ impl Cors {
     }
 }
 
+/// Why a client was refused by `ClientLimits`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    StreamsPerIp,
+    NewStreamsPerIp,
+    PublishesPerIp,
+}
+
+struct Client {
+    streams: usize,
+    stream_tokens: f64,
+    publish_tokens: f64,
+    refilled: Instant,
+}
+
+/// Per client address: open streams, and token buckets for new streams and publishes. Shared
+/// by every core (a client's connections land on any of them); touched once per stream opened
+/// or closed and once per publish, never per delivered event.
+pub struct ClientLimits {
+    max_streams: usize,
+    stream_rate: f64,
+    publish_rate: f64,
+    trusted: Vec<Cidr>,
+    clients: Mutex<HashMap<IpAddr, Client>>,
+    pub refused: [AtomicU64; 3],
+}
+
+/// Holds one open stream's place in its client's count; gives it back when dropped.
+pub struct StreamPermit {
+    limits: Arc<ClientLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut clients = self.limits.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get_mut(&self.ip) {
+            c.streams = c.streams.saturating_sub(1);
+        }
+    }
+}
+
+impl ClientLimits {
+    pub fn new(cfg: &Config) -> ClientLimits {
+        ClientLimits {
+            max_streams: cfg.max_streams_per_ip,
+            stream_rate: cfg.new_streams_per_ip,
+            publish_rate: cfg.publishes_per_ip,
+            trusted: cfg.trust_proxy.clone(),
+            clients: Mutex::new(HashMap::new()),
+            refused: Default::default(),
+        }
+    }
+
+    fn active(&self) -> bool {
+        self.max_streams > 0 || self.stream_rate > 0.0 || self.publish_rate > 0.0
+    }
+
+    /// The client's address: the peer, or, when the peer is a trusted proxy, the nearest
+    /// untrusted address of `X-Forwarded-For` (then `X-Real-IP`).
+    pub fn client_ip(&self, peer: IpAddr, forwarded_for: Option<&str>, real_ip: Option<&str>) -> IpAddr {
+        let trusted = |ip: IpAddr| self.trusted.iter().any(|c| c.contains(ip));
+        if !trusted(peer) {
+            return peer;
+        }
+        if let Some(list) = forwarded_for {
+            let mut nearest = None;
+            for ip in list.rsplit(',').map(|s| s.trim().parse::<IpAddr>()) {
+                match ip {
+                    Ok(ip) if trusted(ip) => nearest = Some(ip),
+                    Ok(ip) => return ip,
+                    Err(_) => break,
+                }
+            }
+            if let Some(ip) = nearest {
+                return ip;
+            }
+        }
+        real_ip.and_then(|s| s.trim().parse().ok()).unwrap_or(peer)
+    }
+
+    /// Takes a place for a new stream from `ip`.
+    pub fn open_stream(self: &Arc<Self>, ip: IpAddr) -> Result<Option<StreamPermit>, Refusal> {
+        if !self.active() {
+            return Ok(None);
+        }
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let client = self.entry(&mut clients, ip);
+        if self.max_streams > 0 && client.streams >= self.max_streams {
+            return Err(self.refuse(Refusal::StreamsPerIp));
+        }
+        if self.stream_rate > 0.0 {
+            if client.stream_tokens < 1.0 {
+                return Err(self.refuse(Refusal::NewStreamsPerIp));
+            }
+            client.stream_tokens -= 1.0;
+        }
+        client.streams += 1;
+        Ok(Some(StreamPermit { limits: self.clone(), ip }))
+    }
+
+    /// Takes a publish from `ip` out of its bucket.
+    pub fn publish(&self, ip: IpAddr) -> Result<(), Refusal> {
+        if self.publish_rate <= 0.0 {
+            return Ok(());
+        }
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let client = self.entry(&mut clients, ip);
+        if client.publish_tokens < 1.0 {
+            return Err(self.refuse(Refusal::PublishesPerIp));
+        }
+        client.publish_tokens -= 1.0;
+        Ok(())
+    }
+
+    fn refuse(&self, why: Refusal) -> Refusal {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+        why
+    }
+
+    /// The client's entry with its buckets refilled (a second's worth at most).
+    fn entry<'a>(&self, clients: &'a mut HashMap<IpAddr, Client>, ip: IpAddr) -> &'a mut Client {
+        let now = Instant::now();
+        if clients.len() > IDLE_CLIENTS && !clients.contains_key(&ip) {
+            clients.retain(|_, c| c.streams > 0);
+        }
+        let (stream_cap, publish_cap) = (self.stream_rate.max(1.0), self.publish_rate.max(1.0));
+        let client = clients.entry(ip).or_insert(Client {
+            streams: 0,
+            stream_tokens: stream_cap,
+            publish_tokens: publish_cap,
+            refilled: now,
+        });
+        let secs = now.duration_since(client.refilled).as_secs_f64();
+        client.refilled = now;
+        client.stream_tokens = (client.stream_tokens + secs * self.stream_rate).min(stream_cap);
+        client.publish_tokens = (client.publish_tokens + secs * self.publish_rate).min(publish_cap);
+        client
+    }
+}
+
 /// The token of `Bearer <token>` (scheme case-insensitive).
 fn bearer_token(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
@@ -162,6 +312,35 @@ mod tests {
         let odd: Cidr = "192.168.0.0/23".parse().unwrap();
         assert!(odd.contains("192.168.1.255".parse().unwrap()) && !odd.contains("192.168.2.0".parse().unwrap()));
         assert!("1.2.3.4/33".parse::<Cidr>().is_err() && "x/8".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn client_limits_count_streams_and_refill_buckets() {
+        let limits = Arc::new(ClientLimits {
+            max_streams: 2,
+            stream_rate: 0.0,
+            publish_rate: 2.0,
+            trusted: vec!["127.0.0.1".parse().unwrap()],
+            clients: Mutex::new(HashMap::new()),
+            refused: Default::default(),
+        });
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = limits.open_stream(ip).unwrap();
+        let _b = limits.open_stream(ip).unwrap();
+        assert_eq!(limits.open_stream(ip).err(), Some(Refusal::StreamsPerIp));
+        assert!(limits.open_stream("10.0.0.2".parse().unwrap()).is_ok(), "another client");
+        drop(a);
+        assert!(limits.open_stream(ip).is_ok(), "a closed stream gives its place back");
+        assert!(limits.publish(ip).is_ok() && limits.publish(ip).is_ok());
+        assert_eq!(limits.publish(ip), Err(Refusal::PublishesPerIp));
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        assert!(limits.publish(ip).is_ok(), "refilled at 2/s");
+        assert_eq!(limits.refused[Refusal::StreamsPerIp as usize].load(Ordering::Relaxed), 1);
+        // Behind a trusted proxy the forwarded client counts; from anyone else, the peer.
+        let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(limits.client_ip(proxy, Some("1.2.3.4, 127.0.0.1"), None), "1.2.3.4".parse::<IpAddr>().unwrap());
+        assert_eq!(limits.client_ip(proxy, None, Some("5.6.7.8")), "5.6.7.8".parse::<IpAddr>().unwrap());
+        assert_eq!(limits.client_ip(ip, Some("1.2.3.4"), None), ip, "untrusted peers cannot claim an address");
     }
 
     #[test]

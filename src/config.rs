@@ -153,6 +153,26 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_CORS_ORIGIN", value_delimiter = ',', default_value = "*")]
     pub cors_origin: Vec<String>,
 
+    /// Open streams one client address may hold (0: no limit). Past it a stream request gets
+    /// `200` with a long jittered `retry:` and is closed (a 429 would stop EventSource for good).
+    #[arg(long, env = "RINGCAST_MAX_STREAMS_PER_IP", default_value_t = 0)]
+    pub max_streams_per_ip: usize,
+
+    /// New streams per second one client address may open, a token bucket holding a second's
+    /// worth (0: no limit). Refused like --max-streams-per-ip.
+    #[arg(long, env = "RINGCAST_NEW_STREAMS_PER_IP", default_value_t = 0.0)]
+    pub new_streams_per_ip: f64,
+
+    /// Publishes per second one client address may make, a token bucket holding a second's
+    /// worth (0: no limit); past it `429` with `Retry-After`.
+    #[arg(long, env = "RINGCAST_PUBLISHES_PER_IP", default_value_t = 0.0)]
+    pub publishes_per_ip: f64,
+
+    /// Proxies (CIDR, comma-separated) whose `X-Forwarded-For` / `X-Real-IP` name the client
+    /// for the per-IP limits; from any other peer those headers are ignored.
+    #[arg(long, env = "RINGCAST_TRUST_PROXY", value_delimiter = ',')]
+    pub trust_proxy: Vec<crate::access::Cidr>,
+
     /// Redis for several nodes (`redis://host:port/db`): cluster-wide ids and history, events
     /// relayed between nodes, `FCALL ringcast_publish` for other services. Without it the node
     /// runs alone.

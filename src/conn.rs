@@ -1,5 +1,6 @@
 //! One connection: read requests (pipelined, keep-alive), route them, or become an event stream.
 
+use crate::access::StreamPermit;
 use crate::broker::{replay_frames, Full};
 use crate::cluster::{Cluster, HistoryFrom};
 use crate::event::{EventId, Publish, StreamKey};
@@ -278,6 +279,7 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
         };
 
         let cors = worker.cors.headers(req.origin.as_deref());
+        let client = worker.shared.limits.client_ip(peer, req.forwarded_for.as_deref(), req.real_ip.as_deref());
         if let Err(e) = check_route(&req) {
             return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
         }
@@ -285,6 +287,10 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             // Before the body is read: a refused publisher does not get to upload it.
             if let Err(e) = worker.access.check(peer, req.authorization.as_deref()) {
                 worker.stats().count_refusal(&e);
+                return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
+            }
+            if worker.shared.limits.publish(client).is_err() {
+                let e = HttpError::TooManyRequests;
                 return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
             }
         }
@@ -320,13 +326,8 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
         if over_limit {
             worker.stats().shed.fetch_add(1, Ordering::Relaxed);
             if req.path == "/events" && req.method == Method::Get {
-                write_stream_head(&mut out, req.http11, false, &cors);
-                put_chunk(&mut out, retry_frame(worker.jitter(2000, 5000)).body().as_ref(), req.http11);
-                if req.http11 {
-                    out.extend_from_slice(LAST_CHUNK);
-                }
-                flush(&mut stream, &mut out).await;
-                return;
+                let retry = worker.jitter(2000, 5000);
+                return shed_stream(&mut stream, out, req.http11, &cors, retry).await;
             }
             return fail(&mut stream, &mut out, HttpError::Unavailable, &cors).await;
         }
@@ -335,7 +336,7 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             ("/events", Method::Get) => {
                 // Bytes after a stream request are ignored; free the buffer for the stream's life.
                 drop(buf);
-                return stream_events(worker, stream, req, out, count).await;
+                return stream_events(worker, stream, req, out, count, client).await;
             }
             ("/health", Method::Get) => {
                 let health = worker.shared.health();
@@ -370,6 +371,17 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             return;
         }
     }
+}
+
+/// Answers a stream request that cannot be served now with `200`, a `retry:` of `retry_ms` and
+/// the end of the stream: any non-200 would make a browser's EventSource give up for good.
+async fn shed_stream(stream: &mut TcpStream, mut out: Vec<u8>, http11: bool, cors: &str, retry_ms: u64) {
+    write_stream_head(&mut out, http11, false, cors);
+    put_chunk(&mut out, retry_frame(retry_ms).body().as_ref(), http11);
+    if http11 {
+        out.extend_from_slice(LAST_CHUNK);
+    }
+    flush(stream, &mut out).await;
 }
 
 /// Whether the request's whole body is already buffered (no read needed).
@@ -453,6 +465,7 @@ async fn stream_events(
     req: Request,
     mut out: Vec<u8>,
     count: ConnectionCount,
+    client: IpAddr,
 ) {
     let mut names: Vec<String> = Vec::new();
     let mut query_resume = None;
@@ -469,6 +482,15 @@ async fn stream_events(
         }
     }
     let cors = worker.cors.headers(req.origin.as_deref());
+    // Over a per-address limit: come back much later (10-30 s), not in a storm.
+    let permit = match worker.shared.limits.open_stream(client) {
+        Ok(permit) => permit,
+        Err(_) => {
+            worker.stats().shed.fetch_add(1, Ordering::Relaxed);
+            let retry = worker.jitter(10_000, 30_000);
+            return shed_stream(&mut stream, out, req.http11, &cors, retry).await;
+        }
+    };
     let topics = match validate_topics(names.iter().map(String::as_str), worker.cfg.max_topics) {
         Ok(t) => t,
         Err(e) => return fail(&mut stream, &mut out, e, &cors).await,
@@ -540,7 +562,7 @@ async fn stream_events(
     }
     // This task (and its request-parsing state) ends here: an idle stream costs only its hub
     // entry and the small close watcher; writes happen in `Hub::flush` or a backlog writer.
-    monoio::spawn(CatchUnwind(watch_close(StreamGuard { worker, key, _count: count }, rd)));
+    monoio::spawn(CatchUnwind(watch_close(StreamGuard { worker, key, _count: count, _permit: permit }, rd)));
 }
 
 /// The cluster's history for a new stream (events up to `upto`), or, when Redis cannot answer,
@@ -568,6 +590,8 @@ struct StreamGuard {
     worker: Rc<Worker>,
     key: StreamKey,
     _count: ConnectionCount,
+    /// The stream's place in its client address's count (`--max-streams-per-ip`).
+    _permit: Option<StreamPermit>,
 }
 
 impl Drop for StreamGuard {

@@ -38,6 +38,9 @@ pub struct Request {
     pub authorization: Option<String>,
     /// `Origin` as sent (browsers, for CORS).
     pub origin: Option<String>,
+    /// `X-Forwarded-For` and `X-Real-IP` as sent (used only from --trust-proxy peers).
+    pub forwarded_for: Option<String>,
+    pub real_ip: Option<String>,
     /// `Accept-Encoding` allows gzip.
     pub accepts_gzip: bool,
 }
@@ -66,6 +69,8 @@ pub enum HttpError {
     HeadTooLarge,
     /// A transfer coding this server does not implement (RFC 9112 §6.1: 501).
     NotImplemented,
+    /// Past a per-client rate (answered with `Retry-After`).
+    TooManyRequests,
     Unavailable,
 }
 
@@ -82,6 +87,7 @@ impl HttpError {
             HttpError::PayloadTooLarge => (413, "Content Too Large"),
             HttpError::HeadTooLarge => (431, "Request Header Fields Too Large"),
             HttpError::NotImplemented => (501, "Not Implemented"),
+            HttpError::TooManyRequests => (429, "Too Many Requests"),
             HttpError::Unavailable => (503, "Service Unavailable"),
         }
     }
@@ -99,6 +105,7 @@ impl HttpError {
             HttpError::PayloadTooLarge => "body too large",
             HttpError::HeadTooLarge => "request head too large",
             HttpError::NotImplemented => "transfer coding not implemented (only chunked)",
+            HttpError::TooManyRequests => "too many requests from this address, retry later",
             HttpError::Unavailable => "server at capacity, retry later",
         }
     }
@@ -109,7 +116,7 @@ impl HttpError {
         let mut extra = String::from(cors);
         match self {
             HttpError::MethodNotAllowed(allow) => extra.push_str(&format!("Allow: {allow}\r\n")),
-            HttpError::Unavailable => extra.push_str("Retry-After: 1\r\n"),
+            HttpError::Unavailable | HttpError::TooManyRequests => extra.push_str("Retry-After: 1\r\n"),
             HttpError::Unauthorized => extra.push_str("WWW-Authenticate: Bearer realm=\"ringcast\"\r\n"),
             _ => {}
         }
@@ -182,6 +189,8 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
     let mut last_event_id = None;
     let mut authorization = None;
     let mut origin = None;
+    let mut forwarded_for: Option<String> = None;
+    let mut real_ip = None;
     let mut accepts_gzip = false;
     for h in req.headers.iter() {
         if header_eq(h.name, "content-length") {
@@ -218,6 +227,16 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
             authorization = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
         } else if header_eq(h.name, "origin") {
             origin = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
+        } else if header_eq(h.name, "x-forwarded-for") {
+            // Several lines are one list, in order.
+            if let Ok(v) = std::str::from_utf8(h.value) {
+                forwarded_for = Some(match forwarded_for {
+                    Some(before) => format!("{before}, {}", v.trim()),
+                    None => v.trim().to_owned(),
+                });
+            }
+        } else if header_eq(h.name, "x-real-ip") {
+            real_ip = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
         }
     }
     if has_te && content_length.is_some() {
@@ -241,6 +260,8 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
         last_event_id,
         authorization,
         origin,
+        forwarded_for,
+        real_ip,
         accepts_gzip,
     };
     buf.advance(head_len);

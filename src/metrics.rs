@@ -55,6 +55,8 @@ impl CoreStats {
 /// State shared by all threads: touched per connection or per publish, never per frame.
 pub struct Shared {
     pub node_id: String,
+    /// Per client address limits, shared by every core.
+    pub limits: std::sync::Arc<crate::access::ClientLimits>,
     /// The link to Redis (`--redis`), set once at start.
     pub cluster: std::sync::OnceLock<std::sync::Arc<crate::cluster::Cluster>>,
     pub connections: AtomicUsize,
@@ -67,9 +69,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(cores: usize, max_connections: usize, node_id: String) -> Self {
+    pub fn new(
+        cores: usize,
+        max_connections: usize,
+        node_id: String,
+        limits: std::sync::Arc<crate::access::ClientLimits>,
+    ) -> Self {
         Shared {
             node_id,
+            limits,
             cluster: std::sync::OnceLock::new(),
             connections: AtomicUsize::new(0),
             max_connections,
@@ -199,6 +207,18 @@ impl Shared {
              ringcast_publish_refused_total{{reason=\"forbidden\"}} {}\n",
             refused(|c| &c.refused_unauthorized),
             refused(|c| &c.refused_forbidden)
+        );
+        let by_ip = |r: crate::access::Refusal| self.limits.refused[r as usize].load(Ordering::Relaxed);
+        let _ = write!(
+            out,
+            "# HELP ringcast_client_limit_refused_total Requests refused by a per-client-address limit.\n\
+             # TYPE ringcast_client_limit_refused_total counter\n\
+             ringcast_client_limit_refused_total{{limit=\"streams_per_ip\"}} {}\n\
+             ringcast_client_limit_refused_total{{limit=\"new_streams_per_ip\"}} {}\n\
+             ringcast_client_limit_refused_total{{limit=\"publishes_per_ip\"}} {}\n",
+            by_ip(crate::access::Refusal::StreamsPerIp),
+            by_ip(crate::access::Refusal::NewStreamsPerIp),
+            by_ip(crate::access::Refusal::PublishesPerIp)
         );
         self.render_publish_histogram(&mut out);
         out

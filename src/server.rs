@@ -32,7 +32,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let cores = cfg.core_count();
     let max_connections = cfg.max_connections.unwrap_or(nofile.saturating_sub(FD_RESERVE).max(16));
     let node_id = cfg.node_id.clone().unwrap_or_else(crate::cluster::default_node_id);
-    let shared = Arc::new(Shared::new(cores, max_connections, node_id.clone()));
+    let limits = Arc::new(crate::access::ClientLimits::new(&cfg));
+    let shared = Arc::new(Shared::new(cores, max_connections, node_id.clone(), limits));
     let cfg = Arc::new(cfg);
 
     let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();

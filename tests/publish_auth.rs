@@ -4,34 +4,7 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::FromRawFd;
-use std::time::Duration;
-use support::{metric, post_request, publish_id, Conn, Response, Server};
-
-/// A client connection from a chosen loopback source address (e.g. 127.0.0.2).
-fn connect_from(source: [u8; 4], to: SocketAddr) -> Conn {
-    let SocketAddr::V4(to) = to else { panic!("IPv4 expected") };
-    let sockaddr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_be_bytes(ip).to_be() },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls with initialised arguments; the fd goes to the TcpStream.
-    let stream = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let from = sockaddr(source, 0);
-        assert_eq!(libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len), 0, "bind {source:?}");
-        let dest = sockaddr(to.ip().octets(), to.port());
-        assert_eq!(libc::connect(fd, (&dest as *const libc::sockaddr_in).cast(), len), 0, "connect");
-        TcpStream::from_raw_fd(fd)
-    };
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    Conn::from_stream(stream)
-}
+use support::{connect_from, metric, post_request, publish_id, Conn, Response, Server};
 
 fn publish_as(conn: &mut Conn, auth: Option<&str>, data: &str) -> Response {
     let mut req = post_request("/publish?topic=t", Some("text/plain"), data.as_bytes());
