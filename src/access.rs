@@ -78,6 +78,12 @@ impl PublishAccess {
         }
     }
 
+    /// Whether `authorization` carries the --publish-key (false when none is set).
+    pub fn key_accepts(&self, authorization: Option<&str>) -> bool {
+        let given = authorization.and_then(bearer_token).unwrap_or("");
+        self.key.as_ref().is_some_and(|key| constant_time_eq(given.as_bytes(), key))
+    }
+
     /// Ok, 401 (key missing or wrong) or 403 (address not allowed without a key).
     pub fn check(&self, peer: IpAddr, authorization: Option<&str>) -> Result<(), HttpError> {
         if let Some(key) = &self.key {
@@ -137,6 +143,132 @@ impl Cors {
             Some(list) => origin.is_some_and(|o| list.iter().any(|allowed| allowed.eq_ignore_ascii_case(o))),
         }
     }
+}
+
+/// What a verified token allows (claims `sub`, `subscribe`, `publish`, `exp`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    pub sub: Option<String>,
+    pub subscribe: Vec<String>,
+    pub publish: Vec<String>,
+    /// Unix seconds; a stream is closed then (`ringcast-expired`).
+    pub exp: Option<u64>,
+}
+
+impl Grant {
+    pub fn may_subscribe(&self, topics: &[Box<str>]) -> bool {
+        topics.iter().all(|t| self.subscribe.iter().any(|p| glob_match(p, t)))
+    }
+
+    pub fn may_publish(&self, topics: &[Box<str>]) -> bool {
+        topics.iter().all(|t| self.publish.iter().any(|p| glob_match(p, t)))
+    }
+}
+
+/// `--jwt-secret` (HS256) and/or `--jwt-public-key` (RS256 or ES256): tokens are checked once
+/// per request, never per delivered event.
+pub struct Jwt {
+    secret: Option<jsonwebtoken::DecodingKey>,
+    public: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Algorithm)>,
+    pub cookie: String,
+}
+
+/// Clock skew allowed on `exp` and `nbf`.
+const JWT_LEEWAY_SECS: u64 = 5;
+
+impl Jwt {
+    /// `None` when no JWT flag is set; an error names a key that cannot be read.
+    pub fn new(cfg: &Config) -> Result<Option<Jwt>, String> {
+        if cfg.jwt_secret.is_none() && cfg.jwt_public_key.is_none() {
+            return Ok(None);
+        }
+        let secret = cfg.jwt_secret.as_ref().map(|s| jsonwebtoken::DecodingKey::from_secret(s.as_bytes()));
+        let public = match &cfg.jwt_public_key {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| format!("--jwt-public-key {}: {e}", path.display()))?;
+                let key = jsonwebtoken::DecodingKey::from_rsa_pem(&pem)
+                    .map(|k| (k, jsonwebtoken::Algorithm::RS256))
+                    .or_else(|_| {
+                        jsonwebtoken::DecodingKey::from_ec_pem(&pem).map(|k| (k, jsonwebtoken::Algorithm::ES256))
+                    })
+                    .map_err(|e| {
+                        format!("--jwt-public-key {}: not an RSA or EC public key PEM ({e})", path.display())
+                    })?;
+                Some(key)
+            }
+        };
+        Ok(Some(Jwt { secret, public, cookie: cfg.jwt_cookie.clone() }))
+    }
+
+    /// Verifies a token (signature with the configured key for its algorithm, `exp`, `nbf`).
+    pub fn verify(&self, token: &str) -> Result<Grant, HttpError> {
+        use jsonwebtoken::{Algorithm, Validation};
+        let header = jsonwebtoken::decode_header(token).map_err(|_| HttpError::Unauthorized)?;
+        let key = match (header.alg, &self.secret, &self.public) {
+            (Algorithm::HS256, Some(secret), _) => secret,
+            (alg, _, Some((public, expected))) if alg == *expected => public,
+            _ => return Err(HttpError::Unauthorized),
+        };
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = JWT_LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.required_spec_claims.clear();
+        let data =
+            jsonwebtoken::decode::<serde_json::Value>(token, key, &validation).map_err(|_| HttpError::Unauthorized)?;
+        let claims = data.claims;
+        let list = |name: &str| -> Vec<String> {
+            match &claims[name] {
+                serde_json::Value::Array(items) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                serde_json::Value::String(one) => vec![one.clone()],
+                _ => Vec::new(),
+            }
+        };
+        Ok(Grant {
+            sub: claims["sub"].as_str().map(str::to_owned),
+            subscribe: list("subscribe"),
+            publish: list("publish"),
+            exp: claims["exp"].as_u64(),
+        })
+    }
+
+    /// The token a request carries: `Authorization: Bearer`, then `?token=`, then the cookie.
+    pub fn token<'a>(
+        &self,
+        authorization: Option<&'a str>,
+        query_token: Option<&'a str>,
+        cookies: Option<&'a str>,
+    ) -> Option<&'a str> {
+        authorization.and_then(bearer_token).or(query_token).or_else(|| {
+            cookies?.split(';').find_map(|c| {
+                let (name, value) = c.trim().split_once('=')?;
+                (name.trim() == self.cookie).then_some(value.trim())
+            })
+        })
+    }
+}
+
+/// `*` matches any run of characters (none too); everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
 }
 
 /// Why a client was refused by `ClientLimits`.
@@ -341,6 +473,13 @@ mod tests {
         assert_eq!(limits.client_ip(proxy, Some("1.2.3.4, 127.0.0.1"), None), "1.2.3.4".parse::<IpAddr>().unwrap());
         assert_eq!(limits.client_ip(proxy, None, Some("5.6.7.8")), "5.6.7.8".parse::<IpAddr>().unwrap());
         assert_eq!(limits.client_ip(ip, Some("1.2.3.4"), None), ip, "untrusted peers cannot claim an address");
+    }
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob_match("*", "anything") && glob_match("user.*", "user.alice") && glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("user.*", "users.alice") && !glob_match("a*b", "ac") && glob_match("exact", "exact"));
+        assert!(glob_match("*.orders", "alice.orders") && !glob_match("*.orders", "alice.orders.x"));
     }
 
     #[test]

@@ -147,6 +147,20 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_PUBLISH_OPEN")]
     pub publish_open: bool,
 
+    /// HS256 secret for subscriber and publisher tokens (JWT). With it (or --jwt-public-key) a
+    /// stream needs a token whose `subscribe` patterns cover its topics, and a publish a token
+    /// whose `publish` patterns do (or the --publish-key).
+    #[arg(long, env = "RINGCAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file of an RS256 (RSA) or ES256 (P-256) public key for tokens.
+    #[arg(long, env = "RINGCAST_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+
+    /// Cookie that may carry the token (EventSource cannot send headers; `?token=` works too).
+    #[arg(long, env = "RINGCAST_JWT_COOKIE", default_value = "ringcast_token")]
+    pub jwt_cookie: String,
+
     /// Web origins whose pages may read streams and publish answers (comma-separated or
     /// repeated), echoed with `Access-Control-Allow-Credentials: true`; `*` (default): any page,
     /// without credentials. Other origins get no CORS headers.

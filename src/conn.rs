@@ -1,6 +1,6 @@
 //! One connection: read requests (pipelined, keep-alive), route them, or become an event stream.
 
-use crate::access::StreamPermit;
+use crate::access::{Grant, StreamPermit};
 use crate::broker::{replay_frames, Full};
 use crate::cluster::{Cluster, HistoryFrom};
 use crate::event::{EventId, Publish, StreamKey};
@@ -11,7 +11,7 @@ use crate::http::{
 };
 use crate::metrics::Shared;
 use crate::publish::{parse_publish, validate_topics};
-use crate::sse::{retry_frame, Wire, LAST_CHUNK, OPENING_SSE};
+use crate::sse::{encode_notice, retry_frame, Wire, LAST_CHUNK, OPENING_SSE};
 use crate::worker::Worker;
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
@@ -280,14 +280,19 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
 
         let cors = worker.cors.headers(req.origin.as_deref());
         let client = worker.shared.limits.client_ip(peer, req.forwarded_for.as_deref(), req.real_ip.as_deref());
+        // A publisher's token, when tokens are in use (checked against the topics below).
+        let mut grant: Option<Grant> = None;
         if let Err(e) = check_route(&req) {
             return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
         }
         if req.path == "/publish" && req.method == Method::Post {
             // Before the body is read: a refused publisher does not get to upload it.
-            if let Err(e) = worker.access.check(peer, req.authorization.as_deref()) {
-                worker.stats().count_refusal(&e);
-                return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
+            match publish_grant(&worker, peer, &req) {
+                Ok(g) => grant = g,
+                Err(e) => {
+                    worker.stats().count_refusal(&e);
+                    return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
+                }
             }
             if worker.shared.limits.publish(client).is_err() {
                 let e = HttpError::TooManyRequests;
@@ -306,7 +311,14 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
         let keep_alive = req.keep_alive && !worker.draining.get() && !over_limit;
 
         if req.path == "/publish" && req.method == Method::Post && !over_limit {
-            match parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics) {
+            let parsed_publish = parse_publish(&req.query, req.content_type.as_deref(), &body, cfg.max_topics)
+                .and_then(|p| match &grant {
+                    Some(g) if !g.may_publish(&p.topics) => {
+                        Err(HttpError::Forbidden("the token does not allow publishing to these topics"))
+                    }
+                    _ => Ok(p),
+                });
+            match parsed_publish {
                 Ok(publish) => pending.push(publish, keep_alive, parsed, cors),
                 Err(e) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await,
             }
@@ -371,6 +383,26 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             return;
         }
     }
+}
+
+/// Who may publish this request: without tokens, --publish-key or the address list; with
+/// tokens, the --publish-key or a token (its `publish` patterns are checked against the topics
+/// once the body is read). 401 for a missing or bad credential, 403 for an address.
+fn publish_grant(worker: &Worker, peer: IpAddr, req: &Request) -> Result<Option<Grant>, HttpError> {
+    let Some(jwt) = &worker.shared.jwt else {
+        return worker.access.check(peer, req.authorization.as_deref()).map(|()| None);
+    };
+    if worker.access.key_accepts(req.authorization.as_deref()) {
+        return Ok(None);
+    }
+    let query_token = query_value(&req.query, "token");
+    let token = jwt.token(req.authorization.as_deref(), query_token.as_deref(), req.cookie.as_deref());
+    jwt.verify(token.ok_or(HttpError::Unauthorized)?).map(Some)
+}
+
+/// One query parameter's value (the first), percent-decoded.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 /// Answers a stream request that cannot be served now with `200`, a `retry:` of `retry_ms` and
@@ -471,9 +503,11 @@ async fn stream_events(
     let mut query_resume = None;
     let mut history = 0usize;
     let mut end_marker = false;
+    let mut query_token = None;
     for (k, v) in form_urlencoded::parse(req.query.as_bytes()) {
         match &*k {
             "topic" => names.push(v.into_owned()),
+            "token" => query_token = Some(v.into_owned()),
             "lastEventId" => query_resume = Some(v.into_owned()),
             // A malformed count is no reason to refuse a stream: it means no history.
             "history" => history = v.parse().unwrap_or(0),
@@ -495,6 +529,24 @@ async fn stream_events(
         Ok(t) => t,
         Err(e) => return fail(&mut stream, &mut out, e, &cors).await,
     };
+    // With tokens: 401 for a missing, bad or expired one (EventSource then stops for good: the
+    // page must get a new token), 403 for topics outside its `subscribe` patterns.
+    let mut expires = None;
+    if let Some(jwt) = &worker.shared.jwt {
+        let token = jwt.token(req.authorization.as_deref(), query_token.as_deref(), req.cookie.as_deref());
+        let grant = match token.ok_or(HttpError::Unauthorized).and_then(|t| jwt.verify(t)) {
+            Ok(g) => g,
+            Err(e) => return fail(&mut stream, &mut out, e, &cors).await,
+        };
+        if !grant.may_subscribe(&topics) {
+            let e = HttpError::Forbidden("the token does not allow subscribing to these topics");
+            return fail(&mut stream, &mut out, e, &cors).await;
+        }
+        expires = grant.exp.map(|exp| {
+            let left = exp.saturating_sub(crate::broker::now_ms() / 1000);
+            Instant::now() + Duration::from_secs(left)
+        });
+    }
     // The header is what EventSource sends on reconnect, newer than the page's query value.
     let resume = req.last_event_id.clone().filter(|s| !s.is_empty()).or(query_resume.filter(|s| !s.is_empty()));
     let resume_text = resume.clone();
@@ -562,7 +614,8 @@ async fn stream_events(
     }
     // This task (and its request-parsing state) ends here: an idle stream costs only its hub
     // entry and the small close watcher; writes happen in `Hub::flush` or a backlog writer.
-    monoio::spawn(CatchUnwind(watch_close(StreamGuard { worker, key, _count: count, _permit: permit }, rd)));
+    let guard = StreamGuard { worker, key, _count: count, _permit: permit };
+    monoio::spawn(CatchUnwind(watch_close(guard, rd, expires)));
 }
 
 /// The cluster's history for a new stream (events up to `upto`), or, when Redis cannot answer,
@@ -604,10 +657,25 @@ impl Drop for StreamGuard {
 
 /// Keeps one small read pending so a client's close (FIN or RST) is seen at once; the server
 /// closes a stream the same way, by shutting its socket, which ends this read.
-async fn watch_close(guard: StreamGuard, mut rd: OwnedReadHalf<TcpStream>) {
+/// At `expires` (the token's `exp`) the stream gets `event: ringcast-expired` and is ended: the
+/// page knows to get a new token and reconnect.
+async fn watch_close(guard: StreamGuard, mut rd: OwnedReadHalf<TcpStream>, mut expires: Option<Instant>) {
     let mut buf = Vec::with_capacity(WATCH_BUF);
     loop {
-        let (res, back) = rd.read(buf).await;
+        let (res, back) = match expires {
+            None => rd.read(buf).await,
+            Some(at) => match monoio::time::timeout_at(at, rd.read(buf)).await {
+                Ok(done) => done,
+                Err(_) => {
+                    // The cancelled read kept its buffer; the stream ends after the notice.
+                    expires = None;
+                    let notice = encode_notice("ringcast-expired", r#"{"reason":"token expired"}"#);
+                    guard.worker.hub.borrow_mut().close_one(guard.key, &[notice]);
+                    buf = Vec::with_capacity(WATCH_BUF);
+                    continue;
+                }
+            },
+        };
         buf = back;
         match res {
             Ok(n) if n > 0 => continue,

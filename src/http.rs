@@ -36,6 +36,8 @@ pub struct Request {
     pub last_event_id: Option<String>,
     /// `Authorization` as sent.
     pub authorization: Option<String>,
+    /// `Cookie` as sent (a token may travel there: EventSource cannot set headers).
+    pub cookie: Option<String>,
     /// `Origin` as sent (browsers, for CORS).
     pub origin: Option<String>,
     /// `X-Forwarded-For` and `X-Real-IP` as sent (used only from --trust-proxy peers).
@@ -96,7 +98,7 @@ impl HttpError {
         match self {
             HttpError::BadRequest(why) => why,
             HttpError::BadInput(why) => why,
-            HttpError::Unauthorized => "publishing needs Authorization: Bearer <publish key>",
+            HttpError::Unauthorized => "a valid token or publish key is needed (Authorization: Bearer ...)",
             HttpError::Forbidden(why) => why,
             HttpError::NotFound => "no such path",
             HttpError::MethodNotAllowed(_) => "method not allowed",
@@ -189,6 +191,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
     let mut last_event_id = None;
     let mut authorization = None;
     let mut origin = None;
+    let mut cookie = None;
     let mut forwarded_for: Option<String> = None;
     let mut real_ip = None;
     let mut accepts_gzip = false;
@@ -235,6 +238,8 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
                     None => v.trim().to_owned(),
                 });
             }
+        } else if header_eq(h.name, "cookie") {
+            cookie = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
         } else if header_eq(h.name, "x-real-ip") {
             real_ip = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
         }
@@ -259,6 +264,7 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
         content_type,
         last_event_id,
         authorization,
+        cookie,
         origin,
         forwarded_for,
         real_ip,

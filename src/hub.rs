@@ -670,6 +670,23 @@ impl Hub {
         self.flush();
     }
 
+    /// Sends `frames` to one stream, then ends it (e.g. `ringcast-expired` at its token's exp).
+    pub fn close_one(&mut self, sk: StreamKey, frames: &[Frame]) {
+        let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { return };
+        if sub.state != StreamState::Open {
+            return;
+        }
+        for frame in frames {
+            sub.queue.push_back((frame.for_stream(sub.wire), NO_TAG));
+        }
+        if sub.wire != Wire::Raw {
+            sub.queue.push_back((Bytes::from_static(LAST_CHUNK), NO_TAG));
+        }
+        sub.state = StreamState::Closing;
+        mark_dirty(&mut self.dirty, sub, sk.key);
+        self.flush_one(sk);
+    }
+
     /// Closes every stream now (end of the drain period).
     pub fn kill_all(&mut self) {
         for (_, sub) in self.subs.iter_mut() {

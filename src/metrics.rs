@@ -55,6 +55,8 @@ impl CoreStats {
 /// State shared by all threads: touched per connection or per publish, never per frame.
 pub struct Shared {
     pub node_id: String,
+    /// Token verification (`--jwt-secret` / `--jwt-public-key`), when configured.
+    pub jwt: Option<crate::access::Jwt>,
     /// Per client address limits, shared by every core.
     pub limits: std::sync::Arc<crate::access::ClientLimits>,
     /// The link to Redis (`--redis`), set once at start.
@@ -74,10 +76,12 @@ impl Shared {
         max_connections: usize,
         node_id: String,
         limits: std::sync::Arc<crate::access::ClientLimits>,
+        jwt: Option<crate::access::Jwt>,
     ) -> Self {
         Shared {
             node_id,
             limits,
+            jwt,
             cluster: std::sync::OnceLock::new(),
             connections: AtomicUsize::new(0),
             max_connections,

@@ -33,7 +33,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let max_connections = cfg.max_connections.unwrap_or(nofile.saturating_sub(FD_RESERVE).max(16));
     let node_id = cfg.node_id.clone().unwrap_or_else(crate::cluster::default_node_id);
     let limits = Arc::new(crate::access::ClientLimits::new(&cfg));
-    let shared = Arc::new(Shared::new(cores, max_connections, node_id.clone(), limits));
+    let jwt = crate::access::Jwt::new(&cfg).map_err(io::Error::other)?;
+    let shared = Arc::new(Shared::new(cores, max_connections, node_id.clone(), limits, jwt));
     let cfg = Arc::new(cfg);
 
     let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();
@@ -76,7 +77,11 @@ pub fn run(cfg: Config) -> io::Result<()> {
             .map_err(|e| io::Error::new(e.kind(), format!("core {index}: {e}")))?;
     }
     println!("ringcast listening on {addr}");
-    log::info!("{}", crate::access::PublishAccess::new(&cfg).describe());
+    if shared.jwt.is_some() {
+        log::info!("tokens required: streams need `subscribe`, publishes `publish` claims (or --publish-key)");
+    } else {
+        log::info!("{}", crate::access::PublishAccess::new(&cfg).describe());
+    }
     io::stdout().flush()?;
     log::info!(
         "node {node_id}: {cores} core(s), max {max_connections} connections, heartbeat {:?}, driver {:?}, {}",
