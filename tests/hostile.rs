@@ -109,7 +109,7 @@ fn ten_thousand_hostile_requests_leave_everyone_else_served() {
         .map(|t| {
             let addr = server.addr;
             thread::spawn(move || {
-                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t as u64 + 1) * 0x1234_5678_9abc_def1);
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((t as u64 + 1) * 0x1234_5678_9abc_def1));
                 for i in 0..REQUESTS / THREADS {
                     let req = hostile(&mut rng);
                     if let Err(e) = send_one(addr, &req) {
