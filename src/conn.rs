@@ -351,8 +351,10 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
                 return stream_events(worker, stream, req, out, count, client).await;
             }
             ("/health", Method::Get) => {
-                let health = worker.shared.health();
-                write_response(&mut out, 200, "OK", "application/json", health.as_bytes(), keep_alive, &cors)
+                let draining = worker.draining.get();
+                let health = worker.shared.health(draining);
+                let (code, text) = if draining { (503, "Service Unavailable") } else { (200, "OK") };
+                write_response(&mut out, code, text, "application/json", health.as_bytes(), keep_alive, &cors)
             }
             ("/metrics", Method::Get) => {
                 let text = worker.shared.render();

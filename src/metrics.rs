@@ -54,6 +54,7 @@ impl CoreStats {
 
 /// State shared by all threads: touched per connection or per publish, never per frame.
 pub struct Shared {
+    pub started: std::time::Instant,
     pub node_id: String,
     /// Token verification (`--jwt-secret` / `--jwt-public-key`), when configured.
     pub jwt: Option<crate::access::Jwt>,
@@ -79,6 +80,7 @@ impl Shared {
         jwt: Option<crate::access::Jwt>,
     ) -> Self {
         Shared {
+            started: std::time::Instant::now(),
             node_id,
             limits,
             jwt,
@@ -93,12 +95,26 @@ impl Shared {
     }
 
     /// `/health`: serving alone (`ok`), or with Redis configured and unreachable (`degraded`).
-    pub fn health(&self) -> String {
+    /// `/health`: `ok`, `degraded` (Redis configured and unreachable; still serving) or
+    /// `draining` (answered 503 by the caller, so a load balancer stops sending clients here).
+    pub fn health(&self, draining: bool) -> String {
         let status = match self.cluster.get() {
+            _ if draining => "draining",
             Some(cluster) if !cluster.up() => "degraded",
             _ => "ok",
         };
-        serde_json::json!({ "status": status, "node": self.node_id }).to_string()
+        let redis = self.cluster.get().map(|c| if c.up() { "up" } else { "down" });
+        serde_json::json!({
+            "status": status,
+            "node": self.node_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "cores": self.cores.len(),
+            "connections": self.connections.load(Ordering::Relaxed),
+            "subscribers": self.cores.iter().map(|c| c.subscribers.load(Ordering::Relaxed)).sum::<usize>(),
+            "redis": redis,
+        })
+        .to_string()
     }
 
     /// Whether any core has a gzip stream (the broker then compresses new frames once).

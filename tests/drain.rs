@@ -94,6 +94,18 @@ fn idle_and_stalled_clients_do_not_hold_the_drain() {
     server.wait_for_metric("ringcast_connections", Duration::from_secs(5), |v| v >= 4.0);
 
     server.signal("TERM");
+    // While it drains, /health says so with 503 (a load balancer stops sending clients here).
+    let drained = loop {
+        idle.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+        let resp = idle.read_response().expect("health during the drain");
+        if resp.status == 503 {
+            break resp;
+        }
+        resp.assert_status(200, "health before the drain began");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let body: serde_json::Value = serde_json::from_str(&drained.body_str()).expect("JSON health");
+    assert_eq!(body["status"], "draining", "{body}");
     let status = server
         .wait_exit(Duration::from_secs(1) + EXIT_MARGIN)
         .unwrap_or_else(|| panic!("idle clients held the drain past its timeout"));

@@ -24,6 +24,10 @@ fn health_is_ok_json_with_content_length() {
     let health: serde_json::Value = serde_json::from_str(&resp.body_str()).expect("JSON health");
     assert_eq!(health["status"], "ok", "{health}");
     assert!(health["node"].as_str().is_some_and(|n| !n.is_empty()), "{health}");
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"), "{health}");
+    assert!(health["uptime_s"].as_u64().is_some() && health["cores"].as_u64() >= Some(1), "{health}");
+    assert!(health["connections"].as_u64() >= Some(1), "this request's connection: {health}");
+    assert_eq!(health["redis"], serde_json::Value::Null, "no --redis: {health}");
     let ct = resp.header("content-type").unwrap_or("");
     assert!(ct.starts_with("application/json"), "health Content-Type {ct:?}");
 }
