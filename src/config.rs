@@ -15,6 +15,12 @@ pub enum DriverChoice {
     Epoll,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
 /// ringcast: a thread-per-core Server-Sent Events pub/sub server.
 #[derive(Clone, Debug, Parser)]
 #[command(version, about, long_about = None)]
@@ -200,6 +206,10 @@ pub struct Config {
     /// Longest SIGTERM/SIGINT drain before the process exits anyway.
     #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Log lines as human text, or one JSON object per line (`ts`, `level`, `target`, `msg`).
+    #[arg(long, env = "RINGCAST_LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: LogFormat,
 
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, env = "RINGCAST_LOG_LEVEL", default_value = "info")]

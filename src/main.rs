@@ -6,7 +6,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cfg = ringcast::config::Config::parse();
-    env_logger::Builder::new().filter_level(cfg.log_level).parse_env("RINGCAST_LOG").init();
+    let mut logger = env_logger::Builder::new();
+    logger.filter_level(cfg.log_level).parse_env("RINGCAST_LOG");
+    if cfg.log_format == ringcast::config::LogFormat::Json {
+        logger.format(|buf, record| {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "ts": buf.timestamp_micros().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    logger.init();
     match ringcast::server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

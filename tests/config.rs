@@ -59,3 +59,23 @@ fn invalid_flag_values_exit_nonzero() {
         assert!(!out.stderr.is_empty(), "ringcast {args:?} exited without saying why");
     }
 }
+
+#[test]
+fn json_log_format_writes_one_object_per_line() {
+    let server = Server::start(&["--log-format", "json", "--log-level", "info"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = server.stderr_log();
+        if log.contains("I/O driver") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["msg"].as_str().is_some_and(|m| m.starts_with("I/O driver"))), "{log}");
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["ts"].is_string() && l["target"].is_string()));
+}
