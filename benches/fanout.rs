@@ -18,12 +18,12 @@ fn fanout(c: &mut Criterion) {
         let topics: Vec<Box<str>> = vec!["prices".into()];
         for _ in 0..subscribers {
             // fd -1: nothing is ever sent (the bench never flushes).
-            hub.subscribe(&topics, -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
+            hub.subscribe(&topics, None, -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
         }
         hub.discard_queued();
         let id = EventId { ms: 1_796_230_263_034, seq: 1 };
         let event =
-            Event { id, topics: topics.clone().into_boxed_slice(), frame: encode_event(id, None, &"x".repeat(64)) };
+            Event::new(id, topics.clone().into_boxed_slice(), encode_event(id, None, &"x".repeat(64)), Vec::new());
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_with_input(BenchmarkId::from_parameter(subscribers), &subscribers, |b, _| {
             b.iter(|| {

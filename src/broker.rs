@@ -160,8 +160,12 @@ impl Broker {
         let mut frame = encode_event(id, publish.event.as_deref(), &publish.data);
         if gzip {
             frame = frame.with_gzip(self.gzip_min_bytes);
+            if let Some(deflated) = frame.gzip_len() {
+                self.shared.gzip_in.fetch_add(frame.chunk().len() as u64, Ordering::Relaxed);
+                self.shared.gzip_out.fetch_add(deflated as u64, Ordering::Relaxed);
+            }
         }
-        Arc::new(Event { id, topics: publish.topics.into_boxed_slice(), frame })
+        Arc::new(Event::new(id, publish.topics.into_boxed_slice(), frame, publish.users))
     }
 
     /// Retains `events` and hands them to every core as one message (under the lock).
@@ -209,6 +213,11 @@ impl Broker {
         state.history.expire(now_ms());
         self.shared.retained_events.store(state.history.retained(), Ordering::Relaxed);
         self.shared.retained_bytes.store(state.history.retained_bytes(), Ordering::Relaxed);
+    }
+
+    /// Every core's mailbox (for messages that are not events: the dashboard's stats).
+    pub fn cores(&self) -> &[MailboxSender<CoreMsg>] {
+        &self.cores
     }
 
     /// Asks every core to drain and stop (blocks while a mailbox is full: cores keep reading).

@@ -16,7 +16,7 @@
 
 use crate::broker::{Broker, Full};
 use crate::event::{EventId, Publish};
-use crate::publish::validate_topics;
+use crate::publish::{validate_topics, validate_users};
 use crate::sse::valid_event_name;
 use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -26,9 +26,10 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-/// The Redis Function library (loaded with `FUNCTION LOAD REPLACE` at start). Version 1:
+/// The Redis Function library (loaded with `FUNCTION LOAD REPLACE` at start). Version 2:
 /// `FCALL ringcast_version 0` returns it. `ringcast_publish 0 <topics> <data> [event] [after]
-/// [maxlen ttl-ms all-maxlen]`: topics comma-separated; `after` is an id the new one must follow
+/// [maxlen ttl-ms all-maxlen] [users]`: topics comma-separated; users (targeted delivery: only
+/// those users' streams get the event) comma-separated, empty for everyone; `after` is an id the new one must follow
 /// (a node passes the newest id it knows, so ids keep increasing after it published alone while
 /// Redis was away); nodes pass the retention too, other callers get what nodes stored.
 pub const LIBRARY: &str = r#"#!lua name=ringcast
@@ -79,6 +80,17 @@ local function publish(keys, args)
   if #event > 256 or string.find(event, '[\r\n%z]') then
     return redis.error_reply('ringcast_publish: bad event name')
   end
+  local users = {}
+  for user in string.gmatch(args[8] or '', '[^,]+') do
+    if #user > 256 or string.find(user, '[%s%c]') then
+      return redis.error_reply('ringcast_publish: bad user name')
+    end
+    users[#users + 1] = user
+  end
+  if #users > 1000 then
+    return redis.error_reply('ringcast_publish: at most 1000 users')
+  end
+  local ulist = table.concat(users, ',')
   local ams, aseq = string.match(after, '^(%d+)-(%d+)$')
   local id, ms, seq = next_id(tonumber(ams) or 0, tonumber(aseq) or 0)
   -- Retention: nodes pass it (one read less per call); other callers get what nodes stored.
@@ -90,19 +102,19 @@ local function publish(keys, args)
   local list = table.concat(topics, ' ')
   for _, topic in ipairs(topics) do
     local key = P .. 's:' .. topic
-    redis.call('XADD', key, 'MAXLEN', '~', maxlen, id, 'e', event, 'd', data, 't', list)
+    redis.call('XADD', key, 'MAXLEN', '~', maxlen, id, 'e', event, 'd', data, 't', list, 'u', ulist)
     -- By age at most once per millisecond (the first id of each): trimming is a scan.
     if ttl > 0 and seq == 0 then
       redis.call('XTRIM', key, 'MINID', '~', string.format('%d-0', ms - ttl))
     end
   end
-  redis.call('XADD', P .. 'all', 'MAXLEN', '~', all_maxlen, id, 'e', event, 'd', data, 't', list)
-  redis.call('PUBLISH', P .. 'relay', id .. '\n' .. event .. '\n' .. list .. '\n' .. data)
+  redis.call('XADD', P .. 'all', 'MAXLEN', '~', all_maxlen, id, 'e', event, 'd', data, 't', list, 'u', ulist)
+  redis.call('PUBLISH', P .. 'relay', id .. '\n' .. event .. '\n' .. list .. '\n' .. ulist .. '\n' .. data)
   return id
 end
 
 redis.register_function('ringcast_publish', publish)
-redis.register_function('ringcast_version', function() return 1 end)
+redis.register_function('ringcast_version', function() return 2 end)
 "#;
 
 const RELAY_CHANNEL: &str = "ringcast:relay";
@@ -455,7 +467,8 @@ fn run_publisher(
                     .arg(&after)
                     .arg(retention.per_topic.max(1))
                     .arg(retention.ttl_ms)
-                    .arg(retention.all.max(1));
+                    .arg(retention.all.max(1))
+                    .arg(p.users.join(","));
             }
         }
         match pipe.query::<Vec<String>>(c) {
@@ -693,21 +706,22 @@ fn deliver(broker: &Broker, batch: &mut Vec<(EventId, Publish)>) {
     }
 }
 
-/// `<id>\n<event>\n<topic> <topic>...\n<data>` as the function publishes it.
+/// `<id>\n<event>\n<topic> <topic>...\n<user>,<user>...\n<data>` as the function publishes it.
 fn parse_relayed(payload: &[u8]) -> Option<(EventId, Publish)> {
     let text = std::str::from_utf8(payload).ok()?;
-    let mut parts = text.splitn(4, '\n');
+    let mut parts = text.splitn(5, '\n');
     let id = parts.next()?.parse().ok()?;
     let event = parts.next()?;
     let topics = parts.next()?;
+    let users = parts.next()?;
     let data = parts.next()?;
-    Some((id, make_publish(topics.split(' '), event, data)?))
+    Some((id, make_publish(topics.split(' '), event, data, users)?))
 }
 
-/// An XRANGE entry: its id and fields `e` (event), `d` (data), `t` (topics).
+/// An XRANGE entry: its id and fields `e` (event), `d` (data), `t` (topics), `u` (users).
 fn stream_entry(id: &str, fields: &[Vec<u8>]) -> Option<(EventId, Publish)> {
     let id = id.parse().ok()?;
-    let (mut event, mut data, mut topics) = (None, None, None);
+    let (mut event, mut data, mut topics, mut users) = (None, None, None, "");
     for pair in fields.chunks(2) {
         let [name, value] = pair else { return None };
         let value = std::str::from_utf8(value).ok()?;
@@ -715,21 +729,23 @@ fn stream_entry(id: &str, fields: &[Vec<u8>]) -> Option<(EventId, Publish)> {
             b"e" => event = Some(value),
             b"d" => data = Some(value),
             b"t" => topics = Some(value),
+            b"u" => users = value,
             _ => {}
         }
     }
-    Some((id, make_publish(topics?.split(' '), event?, data?)?))
+    Some((id, make_publish(topics?.split(' '), event?, data?, users)?))
 }
 
 /// Checks a relayed event as a local publish would be checked (Redis may hold anything).
-fn make_publish<'a>(topics: impl Iterator<Item = &'a str>, event: &str, data: &str) -> Option<Publish> {
+fn make_publish<'a>(topics: impl Iterator<Item = &'a str>, event: &str, data: &str, users: &str) -> Option<Publish> {
     let topics = validate_topics(topics, usize::MAX).ok()?;
     let event = match event {
         "" => None,
         name if valid_event_name(name) => Some(name.into()),
         _ => return None,
     };
-    Some(Publish { topics, event, data: data.to_string() })
+    let users = validate_users(users.split(',').filter(|u| !u.is_empty()).map(str::to_owned).collect()).ok()?;
+    Some(Publish { topics, event, data: data.to_string(), users })
 }
 
 /// Default node name: host name and process id.
@@ -745,17 +761,21 @@ mod tests {
 
     #[test]
     fn relayed_payload_round_trip() {
-        let (id, p) = parse_relayed(b"1700000000000-3\nquote\na b\nline1\nline2").expect("parses");
+        let (id, p) = parse_relayed(b"1700000000000-3\nquote\na b\n\nline1\nline2").expect("parses");
         assert_eq!(id, EventId { ms: 1_700_000_000_000, seq: 3 });
         assert_eq!(p.topics, vec![Box::<str>::from("a"), "b".into()]);
         assert_eq!(p.event.as_deref(), Some("quote"));
         assert_eq!(p.data, "line1\nline2");
-        let (_, p) = parse_relayed(b"1-0\n\nt\n").expect("no event name, empty data");
+        assert!(p.users.is_empty());
+        let (_, p) = parse_relayed(b"1-0\n\nt\n\n").expect("no event name, empty data");
         assert_eq!((p.event, p.data.as_str()), (None, ""));
+        let (_, p) = parse_relayed(b"1-0\n\nt\nalice,bob\nx").expect("targeted");
+        assert_eq!(p.users, vec![Box::<str>::from("alice"), "bob".into()]);
         assert!(parse_relayed(b"nonsense").is_none());
-        assert!(parse_relayed(b"1-0\n\nbad topic!\nx").is_none());
-        assert!(parse_relayed(b"1-0\nbad\revent\nt\nx").is_none());
-        assert!(parse_relayed(b"1-0\n\nt\n\xff").is_none());
+        assert!(parse_relayed(b"1-0\n\nbad topic!\n\nx").is_none());
+        assert!(parse_relayed(b"1-0\nbad\revent\nt\n\nx").is_none());
+        assert!(parse_relayed(b"1-0\n\nt\n\n\xff").is_none());
+        assert!(parse_relayed(b"1-0\n\nt\nbad user\nx").is_none());
     }
 
     #[test]

@@ -203,9 +203,30 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Longest SIGTERM/SIGINT drain before the process exits anyway.
+    /// Drain, first stage: for this long after SIGTERM/SIGINT `/health` answers 503 while
+    /// everything else goes on, so a load balancer stops sending new clients here before any
+    /// stream closes.
+    #[arg(long, env = "RINGCAST_DRAIN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+
+    /// Drain, second stage: open streams are closed (each told to come back after a jittered
+    /// `retry:`) spread evenly over this window, so their clients do not reconnect to the other
+    /// nodes in one storm. 0 closes them all at once.
+    #[arg(long, env = "RINGCAST_DRAIN_SPREAD", default_value = "0s", value_parser = parse_duration)]
+    pub drain_spread: Duration,
+
+    /// Longest drain (after --drain-delay) before the process exits anyway.
     #[arg(long, env = "RINGCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Publish random stock quotes on `demo.AAPL`, `demo.MSFT`, ... (event `quote`), a few
+    /// every 200 ms: the dashboard's live ticker, and something to subscribe to at once.
+    #[arg(long, env = "RINGCAST_DEMO")]
+    pub demo: bool,
+
+    /// Do not serve the dashboard (`GET /`, `/dashboard`, `/dashboard/stats` answer 404).
+    #[arg(long, env = "RINGCAST_NO_DASHBOARD")]
+    pub no_dashboard: bool,
 
     /// Log lines as human text, or one JSON object per line (`ts`, `level`, `target`, `msg`).
     #[arg(long, env = "RINGCAST_LOG_FORMAT", value_enum, default_value = "human")]

@@ -41,17 +41,21 @@ const WATCH_BUF: usize = 64;
 /// Runs a connection so that a panic ends only this connection, never the core's runtime
 /// (monoio 0.2.4 lets a task's panic unwind out of `block_on`).
 pub async fn serve_guarded(worker: Rc<Worker>, stream: TcpStream, over_limit: bool, peer: IpAddr) {
-    let count = ConnectionCount(worker.shared.clone());
+    let count = ConnectionCount(worker.shared.clone(), worker.index);
     if CatchUnwind(serve(worker, stream, over_limit, peer, count)).await.is_err() {
         log::error!("a connection task panicked; the connection was closed");
     }
 }
 
-struct ConnectionCount(Arc<Shared>);
+/// The connection's place in the open-connection counts (all cores, and its core's own; only
+/// that core's thread changes the latter).
+struct ConnectionCount(Arc<Shared>, usize);
 
 impl Drop for ConnectionCount {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        let core = &self.0.cores[self.1].connections;
+        core.store(core.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
     }
 }
 
@@ -160,35 +164,9 @@ async fn resolve(worker: &Worker, pending: &mut Pending, out: &mut Vec<u8>) -> b
         return true;
     }
     let deadline = Instant::now() + worker.cfg.header_timeout;
-    let mut degraded = false;
-    if let Some(cluster) = worker.shared.cluster.get() {
-        degraded = true;
-        while cluster.up() {
-            match cluster.submit(std::mem::take(&mut pending.publishes)) {
-                Ok(reply) => {
-                    match reply.wait().await {
-                        Ok(ids) => {
-                            pending.ids = ids;
-                            degraded = false;
-                        }
-                        Err(back) => pending.publishes = back,
-                    }
-                    break;
-                }
-                Err(back) => pending.publishes = back,
-            }
-            if Instant::now() >= deadline {
-                return busy(pending, out);
-            }
-            monoio::time::sleep(FULL_RETRY).await;
-        }
-    }
-    while let Err(Full) = worker.broker.publish(&mut pending.publishes, &mut pending.ids) {
-        if Instant::now() >= deadline {
-            return busy(pending, out);
-        }
-        monoio::time::sleep(FULL_RETRY).await;
-    }
+    let Ok(degraded) = publish_batch(worker, &mut pending.publishes, &mut pending.ids, deadline).await else {
+        return busy(pending, out);
+    };
     for (id, (keep_alive, parsed, cors)) in pending.ids.drain(..).zip(pending.answers.drain(..)) {
         let json =
             if degraded { format!("{{\"id\":\"{id}\",\"degraded\":true}}") } else { format!("{{\"id\":\"{id}\"}}") };
@@ -196,6 +174,45 @@ async fn resolve(worker: &Worker, pending: &mut Pending, out: &mut Vec<u8>) -> b
         worker.stats().record_publish(parsed.elapsed());
     }
     true
+}
+
+/// Numbers and queues `publishes` (emptied), their ids appended to `ids` in order: through
+/// Redis when configured and up, else on this node (`Ok(true)`: degraded). While some queue is
+/// full it waits (back-pressure); `Err` when it stayed full until `deadline`.
+pub async fn publish_batch(
+    worker: &Worker,
+    publishes: &mut Vec<Publish>,
+    ids: &mut Vec<EventId>,
+    deadline: Instant,
+) -> Result<bool, Full> {
+    if let Some(cluster) = worker.shared.cluster.get() {
+        while cluster.up() {
+            match cluster.submit(std::mem::take(publishes)) {
+                Ok(reply) => {
+                    match reply.wait().await {
+                        Ok(numbered) => {
+                            ids.extend(numbered);
+                            return Ok(false);
+                        }
+                        Err(back) => *publishes = back,
+                    }
+                    break;
+                }
+                Err(back) => *publishes = back,
+            }
+            if Instant::now() >= deadline {
+                return Err(Full);
+            }
+            monoio::time::sleep(FULL_RETRY).await;
+        }
+    }
+    while let Err(Full) = worker.broker.publish(publishes, ids) {
+        if Instant::now() >= deadline {
+            return Err(Full);
+        }
+        monoio::time::sleep(FULL_RETRY).await;
+    }
+    Ok(worker.shared.cluster.get().is_some())
 }
 
 /// The publishers waited too long for room: one 503 for them all; the connection closes.
@@ -282,7 +299,7 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
         let client = worker.shared.limits.client_ip(peer, req.forwarded_for.as_deref(), req.real_ip.as_deref());
         // A publisher's token, when tokens are in use (checked against the topics below).
         let mut grant: Option<Grant> = None;
-        if let Err(e) = check_route(&req) {
+        if let Err(e) = check_route(&req, !worker.cfg.no_dashboard) {
             return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await;
         }
         if req.path == "/publish" && req.method == Method::Post {
@@ -348,13 +365,21 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             ("/events", Method::Get) => {
                 // Bytes after a stream request are ignored; free the buffer for the stream's life.
                 drop(buf);
-                return stream_events(worker, stream, req, out, count, client).await;
+                return stream_events(worker, stream, req, out, count, client, StreamKind::Topics).await;
             }
             ("/health", Method::Get) => {
-                let draining = worker.draining.get();
+                let draining = worker.draining.get() || worker.shared.draining.load(Ordering::Relaxed);
                 let health = worker.shared.health(draining);
                 let (code, text) = if draining { (503, "Service Unavailable") } else { (200, "OK") };
                 write_response(&mut out, code, text, "application/json", health.as_bytes(), keep_alive, &cors)
+            }
+            ("/", Method::Get) | ("/dashboard", Method::Get) if !worker.cfg.no_dashboard => {
+                let page = crate::dashboard::PAGE.as_bytes();
+                write_response(&mut out, 200, "OK", "text/html; charset=utf-8", page, keep_alive, &cors);
+            }
+            ("/dashboard/stats", Method::Get) if !worker.cfg.no_dashboard => {
+                drop(buf);
+                return stream_events(worker, stream, req, out, count, client, StreamKind::Stats).await;
             }
             ("/metrics", Method::Get) => {
                 let text = worker.shared.render();
@@ -429,7 +454,7 @@ fn body_in_buffer(req: &Request, buf: &BytesMut) -> bool {
 
 fn allowed_methods(path: &str) -> Option<&'static str> {
     match path {
-        "/events" | "/health" | "/metrics" => Some("GET, OPTIONS"),
+        "/events" | "/health" | "/metrics" | "/" | "/dashboard" | "/dashboard/stats" => Some("GET, OPTIONS"),
         "/publish" => Some("POST, OPTIONS"),
         "*" => Some("GET, POST, OPTIONS"),
         _ => None,
@@ -437,7 +462,10 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
 }
 
 /// 404 / 405 before any body is read.
-fn check_route(req: &Request) -> Result<(), HttpError> {
+fn check_route(req: &Request, dashboard: bool) -> Result<(), HttpError> {
+    if !dashboard && matches!(req.path.as_str(), "/" | "/dashboard" | "/dashboard/stats") {
+        return Err(HttpError::NotFound);
+    }
     let allow = allowed_methods(&req.path).ok_or(HttpError::NotFound)?;
     let ok = match req.method {
         Method::Options => true,
@@ -492,6 +520,15 @@ async fn read_body(
     }
 }
 
+/// What a stream carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    /// `GET /events`: published events of the requested topics.
+    Topics,
+    /// `GET /dashboard/stats`: the dashboard's stats, live only (no ids, no history).
+    Stats,
+}
+
 /// Turns the connection into an event stream until the client leaves, is too slow, or drain.
 async fn stream_events(
     worker: Rc<Worker>,
@@ -500,6 +537,7 @@ async fn stream_events(
     mut out: Vec<u8>,
     count: ConnectionCount,
     client: IpAddr,
+    kind: StreamKind,
 ) {
     let mut names: Vec<String> = Vec::new();
     let mut query_resume = None;
@@ -527,14 +565,22 @@ async fn stream_events(
             return shed_stream(&mut stream, out, req.http11, &cors, retry).await;
         }
     };
-    let topics = match validate_topics(names.iter().map(String::as_str), worker.cfg.max_topics) {
-        Ok(t) => t,
-        Err(e) => return fail(&mut stream, &mut out, e, &cors).await,
+    let topics = match kind {
+        StreamKind::Stats => {
+            (history, end_marker, query_resume) = (0, false, None);
+            vec![Box::from(crate::dashboard::STATS_TOPIC)]
+        }
+        StreamKind::Topics => match validate_topics(names.iter().map(String::as_str), worker.cfg.max_topics) {
+            Ok(t) => t,
+            Err(e) => return fail(&mut stream, &mut out, e, &cors).await,
+        },
     };
     // With tokens: 401 for a missing, bad or expired one (EventSource then stops for good: the
-    // page must get a new token), 403 for topics outside its `subscribe` patterns.
+    // page must get a new token), 403 for topics outside its `subscribe` patterns. The token's
+    // `sub` is the user targeted events are addressed to.
     let mut expires = None;
-    if let Some(jwt) = &worker.shared.jwt {
+    let mut user: Option<Rc<str>> = None;
+    if let (Some(jwt), StreamKind::Topics) = (&worker.shared.jwt, kind) {
         let token = jwt.token(req.authorization.as_deref(), query_token.as_deref(), req.cookie.as_deref());
         let grant = match token.ok_or(HttpError::Unauthorized).and_then(|t| jwt.verify(t)) {
             Ok(g) => g,
@@ -548,9 +594,15 @@ async fn stream_events(
             let left = exp.saturating_sub(crate::broker::now_ms() / 1000);
             Instant::now() + Duration::from_secs(left)
         });
+        user = grant.sub.map(Rc::from);
     }
     // The header is what EventSource sends on reconnect, newer than the page's query value.
-    let resume = req.last_event_id.clone().filter(|s| !s.is_empty()).or(query_resume.filter(|s| !s.is_empty()));
+    let resume = match kind {
+        StreamKind::Stats => None,
+        StreamKind::Topics => {
+            req.last_event_id.clone().filter(|s| !s.is_empty()).or(query_resume.filter(|s| !s.is_empty()))
+        }
+    };
     let resume_text = resume.clone();
     let from = match resume {
         Some(text) => text.parse().map_or(ReplayFrom::Unknown(text), ReplayFrom::After),
@@ -597,7 +649,12 @@ async fn stream_events(
     };
     let fd = stream.as_raw_fd();
     let (rd, wr) = stream.into_split();
-    let key = worker.hub.borrow_mut().subscribe(&topics, fd, Some(wr), wire, live_after, first, worker.stats());
+    let key =
+        worker.hub.borrow_mut().subscribe(&topics, user.clone(), fd, Some(wr), wire, live_after, first, worker.stats());
+    let stats_viewer = kind == StreamKind::Stats;
+    if stats_viewer {
+        worker.shared.stats_viewers.fetch_add(1, Ordering::Relaxed);
+    }
     let mut replayed = Vec::new();
     if let Some(local) = local {
         let replay = match ask {
@@ -607,6 +664,9 @@ async fn stream_events(
             }
             None => local,
         };
+        let mut replay = replay;
+        // Targeted events go to their users only, replayed as live.
+        replay.events.retain(|e| e.reaches(user.as_deref()));
         replayed = replay_frames(replay, resume_text, end_marker);
     }
     {
@@ -616,7 +676,7 @@ async fn stream_events(
     }
     // This task (and its request-parsing state) ends here: an idle stream costs only its hub
     // entry and the small close watcher; writes happen in `Hub::flush` or a backlog writer.
-    let guard = StreamGuard { worker, key, _count: count, _permit: permit };
+    let guard = StreamGuard { worker, key, _count: count, _permit: permit, stats_viewer };
     monoio::spawn(CatchUnwind(watch_close(guard, rd, expires)));
 }
 
@@ -647,10 +707,15 @@ struct StreamGuard {
     _count: ConnectionCount,
     /// The stream's place in its client address's count (`--max-streams-per-ip`).
     _permit: Option<StreamPermit>,
+    /// A dashboard stats stream (counted in `Shared::stats_viewers`).
+    stats_viewer: bool,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        if self.stats_viewer {
+            self.worker.shared.stats_viewers.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Ok(mut hub) = self.worker.hub.try_borrow_mut() {
             hub.unsubscribe(self.key, self.worker.stats());
         }

@@ -282,11 +282,12 @@ mod tests {
 
     fn ev(ms: u64, topics: &[&str]) -> Arc<Event> {
         let id = EventId { ms, seq: 0 };
-        Arc::new(Event {
+        Arc::new(Event::new(
             id,
-            topics: topics.iter().map(|t| Box::<str>::from(*t)).collect(),
-            frame: encode_event(id, None, "x"),
-        })
+            topics.iter().map(|t| Box::<str>::from(*t)).collect(),
+            encode_event(id, None, "x"),
+            Vec::new(),
+        ))
     }
 
     fn ids(r: &Replay) -> Vec<u64> {

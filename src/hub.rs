@@ -46,6 +46,8 @@ pub struct Subscriber {
     writer_bytes: usize,
     state: StreamState,
     topics: Vec<(Rc<str>, usize)>,
+    /// Its token's `sub`, and its slot in the user index (targeted events find it there).
+    user: Option<(Rc<str>, usize)>,
     fd: RawFd,
     wire: Wire,
     /// Events up to this id were covered by the stream's replay (or gap notice): the mailbox
@@ -92,6 +94,9 @@ enum Queued {
 pub struct Hub {
     subs: Slab<Subscriber>,
     topics: HashMap<Rc<str>, Slab<usize>>,
+    /// Streams by their token's `sub`: a targeted event costs its recipients' streams, not all
+    /// the streams of its topics.
+    users: HashMap<Rc<str>, Slab<usize>>,
     scratch: Vec<usize>,
     next_id: u64,
     limits: HubLimits,
@@ -109,6 +114,8 @@ pub struct Hub {
     /// Sends issued and backlogs started, for `/metrics` (published after each flush).
     pub sends: u64,
     pub backlogs: u64,
+    /// Bytes handed to the kernel for streams (all kinds of send).
+    pub bytes_out: u64,
     /// Streams with `Wire::Gzip` (the broker compresses frames only while there are some).
     gzip_subs: usize,
 }
@@ -174,18 +181,19 @@ impl Subscriber {
     /// One nonblocking gather-send of the queue (see `Hub::flush`). A backlog left by a full
     /// socket goes to a writer task (which waits for room); a drained closing stream is shut.
     /// `max_frames` bounds the frames one sendmsg carries (`--batch-max`).
-    /// Returns the sendmsg calls made and whether a backlog writer started.
+    /// Returns the sendmsg calls made, whether a backlog writer started, and the bytes sent.
     fn send_now(
         &mut self,
         iovecs: &mut Vec<libc::iovec>,
         hub: &Weak<RefCell<Hub>>,
         key: usize,
         max_frames: usize,
-    ) -> (u64, bool) {
+    ) -> (u64, bool, u64) {
         if self.writing || self.paused || self.state == StreamState::Dead {
-            return (0, false);
+            return (0, false, 0);
         }
         let mut calls = 0;
+        let mut bytes = 0u64;
         while !self.queue.is_empty() {
             calls += 1;
             iovecs.clear();
@@ -207,16 +215,17 @@ impl Subscriber {
                 if !matches!(err, Some(libc::EAGAIN | libc::EINTR)) {
                     // The peer is gone (EPIPE, ECONNRESET...): the close watcher removes it.
                     self.kill();
-                    return (calls, false);
+                    return (calls, false, bytes);
                 }
                 break;
             }
+            bytes += sent as u64;
             self.consume(sent as usize);
             if (sent as usize) < offered {
                 break; // socket buffer full
             }
         }
-        (calls, self.after_send(hub, key))
+        (calls, self.after_send(hub, key), bytes)
     }
 
     /// After the nonblocking sends: a backlog left by a full socket goes to a writer task
@@ -319,6 +328,7 @@ impl Hub {
             me,
             subs: Slab::new(),
             topics: HashMap::new(),
+            users: HashMap::new(),
             scratch: Vec::new(),
             next_id: 0,
             limits,
@@ -330,6 +340,7 @@ impl Hub {
             sender: None,
             sends: 0,
             backlogs: 0,
+            bytes_out: 0,
         }
     }
 
@@ -342,6 +353,7 @@ impl Hub {
     pub fn publish_io_counts(&self, stats: &CoreStats) {
         stats.sends.store(self.sends, Ordering::Relaxed);
         stats.backlogs.store(self.backlogs, Ordering::Relaxed);
+        stats.bytes_out.store(self.bytes_out, Ordering::Relaxed);
     }
 
     pub fn subscribers(&self) -> usize {
@@ -360,6 +372,7 @@ impl Hub {
     pub fn subscribe(
         &mut self,
         topics: &[Box<str>],
+        user: Option<Rc<str>>,
         fd: RawFd,
         wr: Option<OwnedWriteHalf<TcpStream>>,
         wire: Wire,
@@ -380,6 +393,10 @@ impl Hub {
             let set = self.topics.entry(name.clone()).or_default();
             slots.push((name, set.insert(key)));
         }
+        let user = user.map(|name| {
+            let slot = self.users.entry(name.clone()).or_default().insert(key);
+            (name, slot)
+        });
         let mut queue = VecDeque::new();
         let pending_bytes = first.len();
         queue.push_back((first, NO_TAG));
@@ -390,6 +407,7 @@ impl Hub {
             writer_bytes: 0,
             state: StreamState::Open,
             topics: slots,
+            user,
             fd,
             wire,
             live_after,
@@ -420,23 +438,46 @@ impl Hub {
                 }
             }
         }
+        if let Some((user, slot)) = sub.user {
+            if let Some(set) = self.users.get_mut(&*user) {
+                set.try_remove(slot);
+                if set.is_empty() {
+                    self.users.remove(&*user);
+                }
+            }
+        }
         self.publish_counts(stats);
     }
 
     /// Fans one event out to this core's subscribers of its topics, once per subscriber.
     /// Returns the streams it looked at (the work done, for the core's slicing).
     pub fn publish(&mut self, event: &Event, stats: &CoreStats) -> usize {
-        let Hub { subs, topics, scratch, limits, held, flusher, dirty, .. } = self;
+        let Hub { subs, topics, users, scratch, limits, held, flusher, dirty, .. } = self;
         scratch.clear();
-        for topic in event.topics.iter() {
-            if let Some(set) = topics.get(&**topic) {
-                scratch.extend(set.iter().map(|(_, &key)| key));
+        match &event.users {
+            // Targeted: the recipients' streams that take one of its topics (each stream has
+            // one user and the names are distinct, so no stream comes twice).
+            Some(names) => {
+                for name in names.iter() {
+                    if let Some(set) = users.get(&**name) {
+                        scratch.extend(set.iter().map(|(_, &key)| key).filter(|&key| {
+                            subs[key].topics.iter().any(|(t, _)| event.topics.iter().any(|e| **e == **t))
+                        }));
+                    }
+                }
+            }
+            None => {
+                for topic in event.topics.iter() {
+                    if let Some(set) = topics.get(&**topic) {
+                        scratch.extend(set.iter().map(|(_, &key)| key));
+                    }
+                }
             }
         }
         if scratch.is_empty() {
             return 0;
         }
-        if event.topics.len() > 1 {
+        if event.users.is_none() && event.topics.len() > 1 {
             scratch.sort_unstable();
             scratch.dedup();
         }
@@ -537,15 +578,16 @@ impl Hub {
         if self.sender.is_some() {
             self.flush_batched(streams);
         } else {
-            let Hub { subs, dirty, iovecs, me, limits, sends, backlogs, .. } = self;
+            let Hub { subs, dirty, iovecs, me, limits, sends, backlogs, bytes_out, .. } = self;
             let max_frames = limits.batch_max.clamp(1, MAX_IOVECS);
             for _ in 0..streams {
                 let Some(sk) = dirty.pop_front() else { break };
                 if let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
                     sub.dirty = false;
-                    let (calls, backlog) = sub.send_now(iovecs, me, sk.key, max_frames);
+                    let (calls, backlog, bytes) = sub.send_now(iovecs, me, sk.key, max_frames);
                     *sends += calls;
                     *backlogs += u64::from(backlog);
+                    *bytes_out += bytes;
                 }
             }
         }
@@ -555,7 +597,7 @@ impl Hub {
     /// `flush_some` through io_uring: one `SENDMSG` per dirty stream, up to a ring's worth per
     /// `io_uring_enter`. A stream with more frames than one send carries goes to the back.
     fn flush_batched(&mut self, streams: usize) {
-        let Hub { subs, dirty, me, limits, sender, sends, backlogs, .. } = self;
+        let Hub { subs, dirty, me, limits, sender, sends, backlogs, bytes_out, .. } = self;
         let sender = sender.as_mut().expect("checked by flush_some");
         let max_frames = limits.batch_max.clamp(1, MAX_IOVECS);
         for _ in 0..streams {
@@ -573,7 +615,7 @@ impl Hub {
             }
             let frames = sub.queue.len().min(max_frames);
             if sender.is_full(frames) {
-                sender.submit(|sk, offered, res| sent(subs, me, dirty, (sends, backlogs), sk, offered, res));
+                sender.submit(|sk, offered, res| sent(subs, me, dirty, (sends, backlogs, bytes_out), sk, offered, res));
             }
             let sub = subs.get_mut(sk.key).expect("looked up above");
             // SAFETY: the frames are `Bytes` in this stream's queue; nothing touches the queue
@@ -581,17 +623,18 @@ impl Hub {
             // only runs inside `submit`, after the kernel is done with the batch.
             unsafe { sender.add(sk, sub.fd, sub.queue.iter().take(frames).map(|(f, _)| f.as_ref())) };
         }
-        sender.submit(|sk, offered, res| sent(subs, me, dirty, (sends, backlogs), sk, offered, res));
+        sender.submit(|sk, offered, res| sent(subs, me, dirty, (sends, backlogs, bytes_out), sk, offered, res));
     }
 
     /// `flush` for one stream (its opening bytes, or a replay outside the mailbox loop).
     /// Sends it directly (one `sendmsg`), leaving every other stream to the mailbox loop.
     pub fn flush_one(&mut self, sk: StreamKey) {
-        let Hub { subs, iovecs, me, limits, sends, backlogs, .. } = self;
+        let Hub { subs, iovecs, me, limits, sends, backlogs, bytes_out, .. } = self;
         if let Some(sub) = subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
-            let (calls, backlog) = sub.send_now(iovecs, me, sk.key, limits.batch_max.clamp(1, MAX_IOVECS));
+            let (calls, backlog, bytes) = sub.send_now(iovecs, me, sk.key, limits.batch_max.clamp(1, MAX_IOVECS));
             *sends += calls;
             *backlogs += u64::from(backlog);
+            *bytes_out += bytes;
         }
     }
 
@@ -652,9 +695,56 @@ impl Hub {
         }
     }
 
-    /// Drain: every open stream gets `retry:` (from `retry`), the last chunk, and is closed.
-    pub fn close_all(&mut self, mut retry: impl FnMut() -> Frame) {
-        for (key, sub) in self.subs.iter_mut() {
+    /// Queues a frame that is not a numbered event (the dashboard's stats) for every stream of
+    /// `topic`, whatever its `live_after`; such topics cannot be published to.
+    pub fn notice(&mut self, topic: &str, frame: &Frame, stats: &CoreStats) {
+        let Hub { subs, topics, limits, dirty, .. } = self;
+        let Some(set) = topics.get(topic) else { return };
+        let mut dropped = 0;
+        for (_, &key) in set.iter() {
+            let sub = &mut subs[key];
+            match sub.enqueue(frame.for_stream(sub.wire), NO_TAG, limits.max_queued, limits.slow) {
+                Queued::Dropped => dropped += 1,
+                Queued::Closed => {}
+                _ => mark_dirty(dirty, sub, key),
+            }
+        }
+        if dropped > 0 {
+            stats.slow_disconnects.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    /// The `n` topics with the most streams on this core (internal `$` topics left out).
+    pub fn top_topics(&self, n: usize) -> Vec<(Box<str>, usize)> {
+        let mut all: Vec<(&Rc<str>, usize)> = self
+            .topics
+            .iter()
+            .filter(|(name, _)| !name.starts_with('$'))
+            .map(|(name, set)| (name, set.len()))
+            .collect();
+        if all.len() > n {
+            all.select_nth_unstable_by(n, |a, b| b.1.cmp(&a.1));
+            all.truncate(n);
+        }
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        all.into_iter().map(|(name, count)| (Box::from(&**name), count)).collect()
+    }
+
+    /// The streams still open (a staged drain closes them a share at a time).
+    pub fn open_streams(&self) -> Vec<StreamKey> {
+        self.subs
+            .iter()
+            .filter(|(_, sub)| sub.state == StreamState::Open)
+            .map(|(key, sub)| StreamKey { key, id: sub.id })
+            .collect()
+    }
+
+    /// Queues `retry:` (from `retry`) and the end of the stream for each of `streams` still
+    /// open; each is shut once its queue is sent (`send_now` / `write_backlog`). The caller
+    /// flushes.
+    pub fn close_streams(&mut self, streams: &[StreamKey], mut retry: impl FnMut() -> Frame) {
+        for sk in streams {
+            let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) else { continue };
             if sub.state != StreamState::Open {
                 continue;
             }
@@ -664,10 +754,8 @@ impl Hub {
                 sub.queue.push_back((Bytes::from_static(LAST_CHUNK), NO_TAG));
             }
             sub.state = StreamState::Closing;
-            // The stream is shut once its queue is sent (`send_now` / `write_backlog`).
-            mark_dirty(&mut self.dirty, sub, key);
+            mark_dirty(&mut self.dirty, sub, sk.key);
         }
-        self.flush();
     }
 
     /// Sends `frames` to one stream, then ends it (e.g. `ringcast-expired` at its token's exp).
@@ -726,6 +814,7 @@ impl Hub {
     /// The writer's batch of `n` bytes left the process: it no longer counts against the
     /// queue bound.
     fn written(&mut self, sk: StreamKey, n: usize) {
+        self.bytes_out += n as u64;
         if let Some(sub) = self.subs.get_mut(sk.key).filter(|s| s.id == sk.id) {
             sub.pending_bytes = sub.pending_bytes.saturating_sub(n);
             sub.writer_bytes = sub.writer_bytes.saturating_sub(n);
@@ -764,7 +853,7 @@ fn sent(
     subs: &mut Slab<Subscriber>,
     me: &Weak<RefCell<Hub>>,
     dirty: &mut VecDeque<StreamKey>,
-    (sends, backlogs): (&mut u64, &mut u64),
+    (sends, backlogs, bytes_out): (&mut u64, &mut u64, &mut u64),
     sk: StreamKey,
     offered: usize,
     res: Result<usize, i32>,
@@ -773,6 +862,7 @@ fn sent(
     *sends += 1;
     match res {
         Ok(n) => {
+            *bytes_out += n as u64;
             sub.consume(n);
             if n == offered && !sub.queue.is_empty() {
                 mark_dirty(dirty, sub, sk.key); // more than one send carries: to the back
@@ -803,11 +893,12 @@ mod tests {
 
     fn event(seq: u64, topics: &[&str], data: &str) -> Arc<Event> {
         let id = EventId { ms: 1, seq };
-        Arc::new(Event {
+        Arc::new(Event::new(
             id,
-            topics: topics.iter().map(|t| Box::<str>::from(*t)).collect(),
-            frame: encode_event(id, None, data),
-        })
+            topics.iter().map(|t| Box::<str>::from(*t)).collect(),
+            encode_event(id, None, data),
+            Vec::new(),
+        ))
     }
 
     fn hub(max_queued: usize, slow: SlowPolicy) -> Hub {
@@ -828,6 +919,7 @@ mod tests {
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
         let sk = h.subscribe(
             &topics(&["a", "b"]),
+            None,
             -1,
             None,
             Wire::Chunked,
@@ -858,8 +950,16 @@ mod tests {
             }
             let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
             // An empty opening frame, then an event: both must leave and the queue empty.
-            let sk =
-                h.subscribe(&topics(&["a"]), a.as_raw_fd(), None, Wire::Raw, EventId::default(), Bytes::new(), &stats);
+            let sk = h.subscribe(
+                &topics(&["a"]),
+                None,
+                a.as_raw_fd(),
+                None,
+                Wire::Raw,
+                EventId::default(),
+                Bytes::new(),
+                &stats,
+            );
             h.flush();
             h.publish(&event(1, &["a"], "x"), &stats);
             h.flush();
@@ -875,7 +975,7 @@ mod tests {
     fn drained_queue_gives_back_a_burst_sized_buffer() {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), None, -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
         for seq in 0..500 {
             h.publish(&event(seq, &["a"], "x"), &stats);
         }
@@ -895,7 +995,7 @@ mod tests {
     fn slow_subscriber_is_dropped_or_conflated() {
         let stats = CoreStats::default();
         let mut h = hub(200, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), None, -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
         for seq in 0..20 {
             h.publish(&event(seq, &["a"], "0123456789"), &stats);
         }
@@ -903,7 +1003,8 @@ mod tests {
         assert_eq!(stats.slow_disconnects.load(Ordering::Relaxed), 1);
 
         let mut h = hub(200, SlowPolicy::Latest);
-        let sk = h.subscribe(&topics(&["a", "b"]), -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
+        let sk =
+            h.subscribe(&topics(&["a", "b"]), None, -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
         for seq in 0..20 {
             h.publish(&event(seq, &[if seq % 2 == 0 { "a" } else { "b" }], "0123456789"), &stats);
         }
@@ -918,7 +1019,7 @@ mod tests {
     fn one_event_larger_than_the_bound_is_not_too_slow() {
         let stats = CoreStats::default();
         let mut h = hub(100, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), None, -1, None, Wire::Chunked, EventId::default(), Bytes::new(), &stats);
         h.subs[sk.key].queue.clear(); // the opening frame was sent
         let big = "x".repeat(500);
         h.publish(&event(1, &["a"], &big), &stats);
@@ -934,7 +1035,16 @@ mod tests {
     fn paused_stream_gets_its_replay_before_live_events() {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
-        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, EventId { ms: 1, seq: 2 }, Bytes::new(), &stats);
+        let sk = h.subscribe(
+            &topics(&["a"]),
+            None,
+            -1,
+            None,
+            Wire::Chunked,
+            EventId { ms: 1, seq: 2 },
+            Bytes::new(),
+            &stats,
+        );
         h.pause(sk);
         h.flush_one(sk); // sends nothing (fd -1 would fail and kill it otherwise)
         assert_eq!(h.subs[sk.key].state, StreamState::Open);
@@ -950,7 +1060,7 @@ mod tests {
         let stats = CoreStats::default();
         let mut h = hub(1 << 20, SlowPolicy::Disconnect);
         let covered = EventId { ms: 1, seq: 1 };
-        let sk = h.subscribe(&topics(&["a"]), -1, None, Wire::Chunked, covered, Bytes::new(), &stats);
+        let sk = h.subscribe(&topics(&["a"]), None, -1, None, Wire::Chunked, covered, Bytes::new(), &stats);
         h.replay(sk, &[event(1, &["a"], "replayed").frame.clone()]);
         // Still in the mailbox when the stream opened: the replay has it already.
         h.publish(&event(1, &["a"], "covered by replay"), &stats);

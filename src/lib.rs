@@ -20,7 +20,8 @@
 //!   state under one short lock, run by the core that parsed the publish
 //! - `cluster`  several nodes through Redis: the Redis Function, pipelined FCALLs, the relay
 //! - `history`  retained events per topic: resume after an id, last N, the gap signal
-//! - `metrics`  process-wide counters and `/metrics` text
+//! - `metrics`  counters (per core, gathered on scrape), `/metrics` text, `/health`
+//! - `dashboard` the embedded page at `/`, its stats stream (`$stats`), the `--demo` ticker
 //! - `event`    the shared vocabulary: an event and its id, a publish, a stream's key, core
 //!   messages (below every module on the publish path, so imports run one way)
 
@@ -29,6 +30,7 @@ pub mod broker;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod dashboard;
 pub mod event;
 pub mod frames;
 pub mod gzip;

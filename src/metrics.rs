@@ -2,10 +2,24 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
-/// Counters of one core; only that core writes them.
+/// Counters of one core; only that core writes them (a plain load and store, never a locked
+/// read-modify-write), and `/metrics`, `/health` and the dashboard read them.
 #[derive(Default)]
 pub struct CoreStats {
+    /// Open connections accepted by this core, and all it ever accepted.
+    pub connections: AtomicUsize,
+    pub accepted: AtomicU64,
+    /// Stream bytes handed to the kernel.
+    pub bytes_out: AtomicU64,
+    /// Publish -> write latency: from the broker stamping an event to this core having handed
+    /// it to the kernel for all its streams (see `runtime`), per `WRITE_BUCKETS_US` bucket.
+    pub write_buckets: [AtomicU64; WRITE_BUCKETS_US.len() + 1],
+    pub write_ns: AtomicU64,
+    /// This core's most-subscribed topics, refreshed once a second while the dashboard is
+    /// watched (the one lock here, taken once a second by two threads).
+    pub top_topics: Mutex<Vec<(Box<str>, usize)>>,
     pub subscribers: AtomicUsize,
     pub gzip_subscribers: AtomicUsize,
     pub topics: AtomicUsize,
@@ -27,6 +41,15 @@ pub struct CoreStats {
     pub refused_forbidden: AtomicU64,
 }
 
+/// Upper bounds (microseconds) of the publish -> write histogram buckets.
+pub const WRITE_BUCKETS_US: [u64; 16] =
+    [10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000];
+
+/// Adds to a counter only its owner writes.
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
 /// Upper bounds (microseconds) of the publish-time histogram buckets.
 pub const PUBLISH_BUCKETS_US: [u64; 12] = [10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000];
 
@@ -46,9 +69,21 @@ impl CoreStats {
     pub fn record_publish(&self, took: std::time::Duration) {
         let us = took.as_micros() as u64;
         let bucket = PUBLISH_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(PUBLISH_BUCKETS_US.len());
-        let add = |c: &AtomicU64, n: u64| c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
-        add(&self.publish_buckets[bucket], 1);
-        add(&self.publish_ns, took.as_nanos() as u64);
+        bump(&self.publish_buckets[bucket], 1);
+        bump(&self.publish_ns, took.as_nanos() as u64);
+    }
+
+    /// Counts one event this core finished writing `took` after the broker stamped it.
+    pub fn record_write(&self, took: std::time::Duration) {
+        let us = took.as_micros() as u64;
+        let bucket = WRITE_BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(WRITE_BUCKETS_US.len());
+        bump(&self.write_buckets[bucket], 1);
+        bump(&self.write_ns, took.as_nanos() as u64);
+    }
+
+    /// Publishes this core answered.
+    pub fn publishes(&self) -> u64 {
+        self.publish_buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -65,6 +100,14 @@ pub struct Shared {
     pub connections: AtomicUsize,
     pub max_connections: usize,
     pub events_published: AtomicU64,
+    /// Set at SIGTERM/SIGINT: `/health` answers 503 from then on (--drain-delay before the
+    /// cores start closing streams).
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Open dashboard stats streams (stats are gathered only while someone watches).
+    pub stats_viewers: AtomicUsize,
+    /// Frame bytes the broker deflated for gzip streams, and what they became.
+    pub gzip_in: AtomicU64,
+    pub gzip_out: AtomicU64,
     /// Written by the broker's chores thread once a second.
     pub retained_events: AtomicUsize,
     pub retained_bytes: AtomicUsize,
@@ -88,22 +131,37 @@ impl Shared {
             connections: AtomicUsize::new(0),
             max_connections,
             events_published: AtomicU64::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            stats_viewers: AtomicUsize::new(0),
+            gzip_in: AtomicU64::new(0),
+            gzip_out: AtomicU64::new(0),
             retained_events: AtomicUsize::new(0),
             retained_bytes: AtomicUsize::new(0),
             cores: (0..cores).map(|_| CoreStats::default()).collect(),
         }
     }
 
-    /// `/health`: serving alone (`ok`), or with Redis configured and unreachable (`degraded`).
     /// `/health`: `ok`, `degraded` (Redis configured and unreachable; still serving) or
     /// `draining` (answered 503 by the caller, so a load balancer stops sending clients here).
     pub fn health(&self, draining: bool) -> String {
-        let status = match self.cluster.get() {
+        self.health_json(draining).to_string()
+    }
+
+    pub fn status(&self, draining: bool) -> &'static str {
+        match self.cluster.get() {
             _ if draining => "draining",
             Some(cluster) if !cluster.up() => "degraded",
             _ => "ok",
-        };
-        let redis = self.cluster.get().map(|c| if c.up() { "up" } else { "down" });
+        }
+    }
+
+    pub fn redis_state(&self) -> Option<&'static str> {
+        self.cluster.get().map(|c| if c.up() { "up" } else { "down" })
+    }
+
+    fn health_json(&self, draining: bool) -> serde_json::Value {
+        let status = self.status(draining);
+        let redis = self.redis_state();
         serde_json::json!({
             "status": status,
             "node": self.node_id,
@@ -114,7 +172,6 @@ impl Shared {
             "subscribers": self.cores.iter().map(|c| c.subscribers.load(Ordering::Relaxed)).sum::<usize>(),
             "redis": redis,
         })
-        .to_string()
     }
 
     /// Whether any core has a gzip stream (the broker then compresses new frames once).
@@ -240,25 +297,107 @@ impl Shared {
             by_ip(crate::access::Refusal::NewStreamsPerIp),
             by_ip(crate::access::Refusal::PublishesPerIp)
         );
-        self.render_publish_histogram(&mut out);
+        let gzip_in = self.gzip_in.load(Ordering::Relaxed);
+        let gzip_out = self.gzip_out.load(Ordering::Relaxed);
+        let _ = write!(
+            out,
+            "# HELP ringcast_gzip_bytes_total Event frame bytes deflated once for gzip streams (in), and the result (out).\n\
+             # TYPE ringcast_gzip_bytes_total counter\n\
+             ringcast_gzip_bytes_total{{dir=\"in\"}} {gzip_in}\n\
+             ringcast_gzip_bytes_total{{dir=\"out\"}} {gzip_out}\n\
+             # HELP ringcast_gzip_ratio Deflated size over frame size, over all gzip frames so far (1 before any).\n\
+             # TYPE ringcast_gzip_ratio gauge\n\
+             ringcast_gzip_ratio {}\n",
+            if gzip_in == 0 { 1.0 } else { gzip_out as f64 / gzip_in as f64 }
+        );
+        self.render_per_core(&mut out);
+        self.render_histogram(
+            &mut out,
+            "ringcast_publish_seconds",
+            "Publish handling time on the server: request parsed to answer sent.",
+            &PUBLISH_BUCKETS_US,
+            |c, i| c.publish_buckets[i].load(Ordering::Relaxed),
+            |c| c.publish_ns.load(Ordering::Relaxed),
+        );
+        self.render_histogram(
+            &mut out,
+            "ringcast_publish_to_write_seconds",
+            "Time from the broker stamping an event to a core having handed it to the kernel for all its streams (one count per event per core that had streams for it).",
+            &WRITE_BUCKETS_US,
+            |c, i| c.write_buckets[i].load(Ordering::Relaxed),
+            |c| c.write_ns.load(Ordering::Relaxed),
+        );
         out
+    }
+
+    /// Per-core counters, labelled `core="i"` (gathered here; each core writes only its own).
+    fn render_per_core(&self, out: &mut String) {
+        type Get = fn(&CoreStats) -> u64;
+        let series: [(&str, &str, &str, Get); 9] = [
+            ("ringcast_core_connections", "gauge", "Open connections, by core.", |c| {
+                c.connections.load(Ordering::Relaxed) as u64
+            }),
+            ("ringcast_core_connections_accepted_total", "counter", "Connections accepted, by core.", |c| {
+                c.accepted.load(Ordering::Relaxed)
+            }),
+            ("ringcast_core_subscribers", "gauge", "Open event streams, by core.", |c| {
+                c.subscribers.load(Ordering::Relaxed) as u64
+            }),
+            (
+                "ringcast_core_events_published_total",
+                "counter",
+                "Publishes answered, by the core that parsed them.",
+                |c| c.publishes(),
+            ),
+            ("ringcast_core_events_delivered_total", "counter", "Frames queued to streams, by core.", |c| {
+                c.frames_queued.load(Ordering::Relaxed)
+            }),
+            (
+                "ringcast_core_events_dropped_total",
+                "counter",
+                "Events dropped for a newer one (--slow-consumer latest), by core.",
+                |c| c.conflated.load(Ordering::Relaxed),
+            ),
+            (
+                "ringcast_core_slow_consumer_disconnects_total",
+                "counter",
+                "Streams closed for being too far behind, by core.",
+                |c| c.slow_disconnects.load(Ordering::Relaxed),
+            ),
+            ("ringcast_core_bytes_out_total", "counter", "Stream bytes handed to the kernel, by core.", |c| {
+                c.bytes_out.load(Ordering::Relaxed)
+            }),
+            ("ringcast_core_stream_sends_total", "counter", "Stream sends, by core.", |c| {
+                c.sends.load(Ordering::Relaxed)
+            }),
+        ];
+        for (name, kind, help, get) in series {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+            for (i, core) in self.cores.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{core=\"{i}\"}} {}", get(core));
+            }
+        }
     }
 }
 
 impl Shared {
-    /// `ringcast_publish_seconds`: time from a publish request parsed to its answer ready to
-    /// send (its nonblocking send follows at once), all cores together.
-    fn render_publish_histogram(&self, out: &mut String) {
-        let name = "ringcast_publish_seconds";
-        let _ = write!(
-            out,
-            "# HELP {name} Publish handling time on the server: request parsed to answer sent.\n# TYPE {name} histogram\n"
-        );
+    /// A histogram summed over the cores, from per-core buckets (`bucket(core, i)`, the last
+    /// one past every bound) and sums in nanoseconds.
+    fn render_histogram(
+        &self,
+        out: &mut String,
+        name: &str,
+        help: &str,
+        bounds_us: &[u64],
+        bucket: impl Fn(&CoreStats, usize) -> u64,
+        sum_ns: impl Fn(&CoreStats) -> u64,
+    ) {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
         let mut cumulative = 0u64;
-        for (i, bound) in PUBLISH_BUCKETS_US.iter().map(|&us| Some(us)).chain([None]).enumerate() {
-            cumulative += self.cores.iter().map(|c| c.publish_buckets[i].load(Ordering::Relaxed)).sum::<u64>();
-            match bound {
-                Some(us) => {
+        for i in 0..=bounds_us.len() {
+            cumulative += self.cores.iter().map(|c| bucket(c, i)).sum::<u64>();
+            match bounds_us.get(i) {
+                Some(&us) => {
                     let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", us as f64 / 1e6);
                 }
                 None => {
@@ -266,8 +405,8 @@ impl Shared {
                 }
             }
         }
-        let sum_ns: u64 = self.cores.iter().map(|c| c.publish_ns.load(Ordering::Relaxed)).sum();
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {cumulative}", sum_ns as f64 / 1e9);
+        let sum: u64 = self.cores.iter().map(&sum_ns).sum();
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {cumulative}", sum as f64 / 1e9);
     }
 }
 

@@ -27,6 +27,34 @@ pub fn validate_topics<'a>(names: impl Iterator<Item = &'a str>, max: usize) -> 
     Ok(topics)
 }
 
+/// Recipients one targeted publish may name.
+pub const MAX_USERS: usize = 1000;
+
+/// A user name a targeted publish may name (a token's `sub`): 1-256 bytes, no whitespace,
+/// control characters or commas (names travel comma-separated through Redis).
+pub fn valid_user(user: &str) -> bool {
+    (1..=256).contains(&user.len()) && !user.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',')
+}
+
+/// Checks and de-duplicates a targeted publish's recipients.
+pub fn validate_users(names: Vec<String>) -> Result<Vec<Box<str>>, HttpError> {
+    let mut users: Vec<Box<str>> = Vec::with_capacity(names.len());
+    for name in names {
+        if !valid_user(&name) {
+            return Err(HttpError::BadRequest(
+                "user names must be 1-256 bytes without whitespace, control characters or commas",
+            ));
+        }
+        if !users.iter().any(|u| **u == *name) {
+            if users.len() == MAX_USERS {
+                return Err(HttpError::BadInput(format!("too many users (at most {MAX_USERS})")));
+            }
+            users.push(name.into());
+        }
+    }
+    Ok(users)
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -93,9 +121,11 @@ pub fn parse_publish(
     let mime = content_type.map(|c| c.split(';').next().unwrap_or("").trim()).unwrap_or("");
     let mut topics: Vec<String> = Vec::new();
     let mut event: Option<String> = None;
+    let mut users: Vec<String> = Vec::new();
     for (k, v) in decode_form(query.as_bytes())? {
         match k.as_str() {
             "topic" => topics.push(v),
+            "user" => users.push(v),
             "event" => event = Some(v),
             _ => {}
         }
@@ -120,6 +150,15 @@ pub fn parse_publish(
                 Some(_) => return Err(HttpError::BadRequest("\"topics\" must be an array")),
                 None => {}
             }
+            match obj.get("users") {
+                Some(serde_json::Value::Array(list)) => {
+                    for u in list {
+                        users.push(u.as_str().ok_or(HttpError::BadRequest("\"users\" must hold strings"))?.to_owned());
+                    }
+                }
+                Some(_) => return Err(HttpError::BadRequest("\"users\" must be an array")),
+                None => {}
+            }
             match obj.get("event") {
                 Some(serde_json::Value::String(e)) => event = Some(e.clone()),
                 Some(serde_json::Value::Null) | None => {}
@@ -139,6 +178,7 @@ pub fn parse_publish(
             for (k, v) in decode_form(body)? {
                 match k.as_str() {
                     "topic" => topics.push(v),
+                    "user" => users.push(v),
                     "event" => event = Some(v),
                     "data" => data = v,
                     _ => {}
@@ -149,7 +189,7 @@ pub fn parse_publish(
         _ => String::from_utf8(body.to_vec()).map_err(|_| HttpError::BadRequest("body is not UTF-8"))?,
     };
     let topics = validate_topics(topics.iter().map(String::as_str), max_topics)?;
-    Ok(Publish { topics, event: check_event(event)?, data })
+    Ok(Publish { topics, event: check_event(event)?, data, users: validate_users(users)? })
 }
 
 #[cfg(test)]
@@ -171,6 +211,28 @@ mod tests {
         let p = parse_publish("", Some("application/json; charset=utf-8"), br#"{"topic":"t","data":"s"}"#, 64).unwrap();
         assert_eq!(p.data, "s");
         assert!(parse_publish("", Some("application/json"), b"{nope", 64).is_err());
+    }
+
+    #[test]
+    fn targeted_users() {
+        let body = br#"{"topic":"t","users":["alice","bob","alice"],"data":"x"}"#;
+        let p = parse_publish("", Some("application/json"), body, 64).unwrap();
+        assert_eq!(p.users, vec![Box::from("alice"), Box::from("bob")]);
+        let p = parse_publish("topic=t&user=carol&user=dan", Some("text/plain"), b"x", 64).unwrap();
+        assert_eq!(p.users, vec![Box::from("carol"), Box::from("dan")]);
+        assert!(parse_publish("topic=t", Some("text/plain"), b"x", 64).unwrap().users.is_empty());
+        for bad in [
+            r#"{"topic":"t","users":"alice"}"#,
+            r#"{"topic":"t","users":["a b"]}"#,
+            r#"{"topic":"t","users":["a,b"]}"#,
+            r#"{"topic":"t","users":[""]}"#,
+            r#"{"topic":"t","users":[1]}"#,
+        ] {
+            assert!(parse_publish("", Some("application/json"), bad.as_bytes(), 64).is_err(), "{bad}");
+        }
+        let many: Vec<String> = (0..=MAX_USERS).map(|i| format!("\"u{i}\"")).collect();
+        let body = format!(r#"{{"topic":"t","users":[{}]}}"#, many.join(","));
+        assert!(parse_publish("", Some("application/json"), body.as_bytes(), 64).is_err());
     }
 
     #[test]

@@ -149,9 +149,13 @@ fn run_thread(start: CoreStart) {
 }
 
 async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxReceiver<CoreMsg>) {
-    let canceller = Canceller::new();
-    let accept = monoio::spawn(accept_loop(worker.clone(), listener, canceller.handle()));
+    let mut canceller = Some(Canceller::new());
+    let mut accept =
+        Some(monoio::spawn(accept_loop(worker.clone(), listener, canceller.as_ref().expect("set above").handle())));
     monoio::spawn(heartbeat_loop(worker.clone()));
+    if worker.cfg.demo && worker.index == 0 {
+        monoio::spawn(crate::dashboard::demo_loop(worker.clone()));
+    }
     if !worker.cfg.batch_window.is_zero() {
         monoio::spawn(batch_window_loop(worker.clone()));
     }
@@ -163,15 +167,37 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
     // mailbox holds publishers back (see `Broker::publish`).
     let pass_limit = worker.cfg.batch_max.max(1);
     let mut pass_events = 0;
+    // When the broker stamped each event of this pass that had streams here: once the pass has
+    // handed everything to the kernel, their publish -> write latency is known.
+    let mut pass_stamps: Vec<std::time::Instant> = Vec::with_capacity(pass_limit);
     // A batch taken from the mailbox and how far into it this core has got.
     let mut taken: Option<(Arc<[Arc<Event>]>, usize)> = None;
+    // Once Shutdown came: the streams still to close, a share at a time. Events keep flowing
+    // to the streams not closed yet meanwhile.
+    let mut drain: Option<Drain> = None;
     loop {
+        if let Some(plan) = &mut drain {
+            if plan.step(&worker) {
+                return;
+            }
+        }
         if taken.is_none() && worker.hub.borrow().flushed() {
             pass_events = 0;
+            if !pass_stamps.is_empty() {
+                let now = std::time::Instant::now();
+                for stamped in pass_stamps.drain(..) {
+                    worker.stats().record_write(now.saturating_duration_since(stamped));
+                }
+            }
             if !worker.cfg.spin.is_zero() {
                 spin(&mailbox, worker.cfg.spin).await;
             }
-            mailbox.ready().await;
+            match drain {
+                None => mailbox.ready().await,
+                Some(_) => {
+                    let _ = monoio::time::timeout(DRAIN_TICK, mailbox.ready()).await;
+                }
+            }
         }
         let mut work = 0;
         while work < ENQUEUE_SLICE {
@@ -183,14 +209,33 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
                         pass_events += events.len();
                         (events, 0)
                     }
-                    Some(CoreMsg::Shutdown) => return drain(worker, canceller, accept).await,
+                    Some(CoreMsg::Notice(topic, frame)) => {
+                        let mut hub = worker.hub.borrow_mut();
+                        hub.notice(topic, &frame, worker.stats());
+                        if topic == crate::dashboard::STATS_TOPIC {
+                            // Someone watches the dashboard: its next message lists top topics.
+                            let top = hub.top_topics(crate::dashboard::TOP_TOPICS);
+                            *worker.stats().top_topics.lock().unwrap_or_else(|p| p.into_inner()) = top;
+                        }
+                        continue;
+                    }
+                    Some(CoreMsg::Shutdown) => {
+                        if drain.is_none() {
+                            drain = Some(Drain::start(&worker, canceller.take(), accept.take()).await);
+                        }
+                        continue;
+                    }
                     None => break,
                 },
             };
             let mut hub = worker.hub.borrow_mut();
             let mut i = next;
             while i < events.len() && work < ENQUEUE_SLICE {
-                work += 1 + hub.publish(&events[i], worker.stats());
+                let streams = hub.publish(&events[i], worker.stats());
+                if streams > 0 {
+                    pass_stamps.push(events[i].stamped);
+                }
+                work += 1 + streams;
                 i += 1;
             }
             if i < events.len() {
@@ -208,17 +253,74 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
     }
 }
 
-/// Drain: stop accepting, tell every stream when to come back, close, and leave in time.
-async fn drain(worker: Rc<Worker>, canceller: Canceller, accept: monoio::task::JoinHandle<()>) {
-    worker.draining.set(true);
-    let _ = canceller.cancel();
-    let _ = accept.await;
-    worker.hub.borrow_mut().close_all(|| retry_frame(worker.jitter(1000, 5000)));
-    let deadline = Instant::now() + worker.cfg.drain_timeout;
-    while worker.hub.borrow().subscribers() > 0 && Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(5)).await;
+/// How often a draining core closes its next share of streams and checks its deadline.
+const DRAIN_TICK: Duration = Duration::from_millis(10);
+
+/// A core's drain: stop accepting, then close the streams (each told when to come back)
+/// spread over --drain-spread, and leave when they are gone or at --drain-timeout.
+struct Drain {
+    started: Instant,
+    deadline: Instant,
+    spread: Duration,
+    streams: Vec<crate::event::StreamKey>,
+    closed: usize,
+}
+
+impl Drain {
+    async fn start(
+        worker: &Rc<Worker>,
+        canceller: Option<Canceller>,
+        accept: Option<monoio::task::JoinHandle<()>>,
+    ) -> Drain {
+        worker.draining.set(true);
+        if let Some(canceller) = canceller {
+            let _ = canceller.cancel();
+        }
+        if let Some(accept) = accept {
+            let _ = accept.await;
+        }
+        let started = Instant::now();
+        Drain {
+            started,
+            deadline: started + worker.cfg.drain_timeout,
+            spread: worker.cfg.drain_spread.min(worker.cfg.drain_timeout),
+            streams: worker.hub.borrow().open_streams(),
+            closed: 0,
+        }
     }
-    worker.hub.borrow_mut().kill_all();
+
+    /// Closes the streams due by now; true when the drain is over (every stream gone, or the
+    /// deadline passed: the rest are cut).
+    fn step(&mut self, worker: &Worker) -> bool {
+        let now = Instant::now();
+        let due = match self.spread.as_nanos() {
+            0 => self.streams.len(),
+            spread => {
+                let elapsed = now.saturating_duration_since(self.started).as_nanos().min(spread);
+                (self.streams.len() as u128 * elapsed / spread) as usize
+            }
+        };
+        if due > self.closed {
+            // The retry is jittered too: the clients closed together come back spread out.
+            let retry = || retry_frame(worker.jitter(1000, 5000));
+            worker.hub.borrow_mut().close_streams(&self.streams[self.closed..due], retry);
+            self.closed = due;
+        }
+        let mut all_closed = self.closed == self.streams.len();
+        if all_closed && worker.hub.borrow().subscribers() > 0 {
+            // Streams that opened after the drain began (their requests were already in).
+            let late = worker.hub.borrow().open_streams();
+            if !late.is_empty() {
+                worker.hub.borrow_mut().close_streams(&late, || retry_frame(worker.jitter(1000, 5000)));
+                all_closed = false;
+            }
+        }
+        if (all_closed && worker.hub.borrow().subscribers() == 0) || now >= self.deadline {
+            worker.hub.borrow_mut().kill_all();
+            return true;
+        }
+        false
+    }
 }
 
 async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::io::CancelHandle) {
@@ -230,6 +332,9 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::
                 }
                 let _ = stream.set_nodelay(true);
                 let open = worker.shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                let stats = worker.stats();
+                stats.accepted.store(stats.accepted.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+                stats.connections.store(stats.connections.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
                 let over_limit = open > worker.shared.max_connections;
                 monoio::spawn(conn::serve_guarded(worker.clone(), stream, over_limit, peer.ip()));
             }

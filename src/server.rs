@@ -55,10 +55,14 @@ pub fn run(cfg: Config) -> io::Result<()> {
     }
     let (stop_chores, chores_stopped) = mpsc::channel::<()>();
     let chores = {
-        let broker = broker.clone();
+        let (broker, shared) = (broker.clone(), shared.clone());
+        let mut stats = (!cfg.no_dashboard).then(|| crate::dashboard::StatsTicker::new(cfg.demo));
         std::thread::Builder::new().name("ringcast-broker".into()).spawn(move || {
             while let Err(mpsc::RecvTimeoutError::Timeout) = chores_stopped.recv_timeout(EXPIRE_EVERY) {
                 broker.expire();
+                if let Some(stats) = &mut stats {
+                    stats.tick(&shared, broker.cores(), shared.draining.load(std::sync::atomic::Ordering::Relaxed));
+                }
             }
         })?
     };
@@ -91,7 +95,17 @@ pub fn run(cfg: Config) -> io::Result<()> {
     );
 
     let signal = wait_for_signal(&signals);
-    log::info!("{signal} received: draining streams (at most {:?})", cfg.drain_timeout);
+    shared.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    if !cfg.drain_delay.is_zero() {
+        // Stage one: /health says 503 so load balancers stop sending clients; all else goes on.
+        log::info!("{signal} received: /health answers 503; streams close in {:?}", cfg.drain_delay);
+        std::thread::sleep(cfg.drain_delay);
+    }
+    log::info!(
+        "{signal} received: draining streams (closes spread over {:?}, at most {:?})",
+        cfg.drain_spread.min(cfg.drain_timeout),
+        cfg.drain_timeout
+    );
     broker.shutdown();
     for thread in threads {
         let _ = thread.join();

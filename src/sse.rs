@@ -80,6 +80,11 @@ impl Frame {
         self
     }
 
+    /// The size of the shared gzip chunk, when there is one.
+    pub fn gzip_len(&self) -> Option<usize> {
+        self.gz.as_ref().map(Bytes::len)
+    }
+
     /// Bytes this frame holds (chunk and gzip chunk).
     pub fn memory(&self) -> usize {
         self.chunk.len() + self.gz.as_ref().map_or(0, |gz| gz.len())
