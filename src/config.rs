@@ -25,6 +25,12 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Config {
+    /// Settings file (TOML) with the flags' names as keys (`max-body = 1048576`,
+    /// `cors-origin = ["https://a.example"]`, `demo = true`). A flag overrides its env var,
+    /// which overrides the file.
+    #[arg(long, env = "RINGCAST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Address to listen on; port 0 picks a free port shared by every core.
     #[arg(long, env = "RINGCAST_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -238,6 +244,46 @@ pub struct Config {
 }
 
 impl Config {
+    /// The settings from `args` (the command line), the environment and `--config`'s file,
+    /// in that order of precedence. Exits with clap's message on bad flags or `--help`.
+    pub fn load(args: Vec<std::ffi::OsString>) -> Result<Config, String> {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Config::command().get_matches_from(args.clone());
+        let Some(path) = matches.get_one::<std::path::PathBuf>("config") else {
+            return Config::from_arg_matches(&matches).map_err(|e| e.to_string());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+        let extra = file_args(&text, &matches).map_err(|e| format!("--config {}: {e}", path.display()))?;
+        // The file's settings go in as flags, only for those neither a flag nor env gave.
+        let mut args = args;
+        args.extend(extra.into_iter().map(Into::into));
+        let matches = Config::command().try_get_matches_from(args).map_err(|e| {
+            format!("--config {}: {}", path.display(), e.to_string().lines().next().unwrap_or_default())
+        })?;
+        Config::from_arg_matches(&matches).map_err(|e| e.to_string())
+    }
+
+    /// The effective settings for the log, secrets hidden.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.clone();
+        let hide = |s: &mut Option<String>| {
+            if s.is_some() {
+                *s = Some("<hidden>".into());
+            }
+        };
+        hide(&mut shown.jwt_secret);
+        hide(&mut shown.publish_key);
+        // A Redis URL may carry a password.
+        if let Some(url) = &mut shown.redis {
+            if let Some((scheme, rest)) = url.split_once("://") {
+                if let Some((_, host)) = rest.rsplit_once('@') {
+                    *url = format!("{scheme}://<hidden>@{host}");
+                }
+            }
+        }
+        format!("{shown:?}")
+    }
+
     /// Settings that cannot work together, as a message for start-up.
     pub fn check(&self) -> Result<(), String> {
         if self.max_queued_bytes < self.max_body {
@@ -253,6 +299,49 @@ impl Config {
     pub fn core_count(&self) -> usize {
         self.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
     }
+}
+
+/// The flags a settings file stands for: one per key that no flag or env var set. Keys are
+/// the flags' names (`max-body` or `max_body`); unknown keys are an error (a typo must not be
+/// silently ignored).
+fn file_args(text: &str, given: &clap::ArgMatches) -> Result<Vec<String>, String> {
+    use clap::parser::ValueSource;
+    use clap::CommandFactory;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.message().to_string())?;
+    let command = Config::command();
+    let mut args = Vec::new();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        let Some(arg) = command.get_arguments().find(|a| a.get_id() == id.as_str() && a.get_long().is_some()) else {
+            return Err(format!("unknown setting {key:?}"));
+        };
+        if id == "config" {
+            return Err("a settings file cannot name another".into());
+        }
+        if matches!(given.value_source(&id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+            continue;
+        }
+        let flag = format!("--{}", arg.get_long().expect("checked above"));
+        let scalar = |v: &toml::Value| -> Result<String, String> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => Err(format!("setting {key:?}: expected a string, number, boolean or list")),
+            }
+        };
+        match &value {
+            toml::Value::Boolean(true) => args.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    args.push(format!("{flag}={}", scalar(item)?));
+                }
+            }
+            other => args.push(format!("{flag}={}", scalar(other)?)),
+        }
+    }
+    Ok(args)
 }
 
 /// `50us`, `250ms`, `2s`, `1m`, `1h`, or a bare number of seconds.
@@ -288,6 +377,40 @@ mod tests {
         assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    fn load(args: &[&str], file: &str) -> Result<Config, String> {
+        let path =
+            std::env::temp_dir().join(format!("ringcast-config-test-{}-{}.toml", std::process::id(), args.len()));
+        std::fs::write(&path, file).unwrap();
+        let mut argv: Vec<std::ffi::OsString> = vec!["ringcast".into(), "--config".into(), path.clone().into()];
+        argv.extend(args.iter().map(Into::into));
+        let cfg = Config::load(argv);
+        let _ = std::fs::remove_file(path);
+        cfg
+    }
+
+    #[test]
+    fn settings_file_under_flags() {
+        let file = "max-body = 4096\nheartbeat = \"3s\"\ndemo = true\ncors_origin = [\"https://a.example\", \"https://b.example\"]\nno-gzip = false\n";
+        let cfg = load(&[], file).unwrap();
+        assert_eq!((cfg.max_body, cfg.heartbeat, cfg.demo, cfg.no_gzip), (4096, Duration::from_secs(3), true, false));
+        assert_eq!(cfg.cors_origin, vec!["https://a.example".to_string(), "https://b.example".into()]);
+        // A flag wins over the file.
+        let cfg = load(&["--max-body", "100"], file).unwrap();
+        assert_eq!((cfg.max_body, cfg.heartbeat), (100, Duration::from_secs(3)));
+        assert!(load(&[], "max-bodyy = 1\n").unwrap_err().contains("unknown setting"));
+        assert!(load(&[], "max-body = \"lots\"\n").is_err());
+        assert!(load(&[], "this is not toml").is_err());
+    }
+
+    #[test]
+    fn redacted_hides_secrets() {
+        let mut c = Config::parse_from(["ringcast", "--jwt-secret", "s3cret", "--redis", "redis://:pw@h:6379/0"]);
+        c.publish_key = Some("k3y".into());
+        let shown = c.redacted();
+        assert!(!shown.contains("s3cret") && !shown.contains("k3y") && !shown.contains("pw@"), "{shown}");
+        assert!(shown.contains("h:6379/0"), "{shown}");
     }
 
     #[test]

@@ -1,11 +1,16 @@
-use clap::Parser;
 use std::process::ExitCode;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cfg = ringcast::config::Config::parse();
+    let cfg = match ringcast::config::Config::load(std::env::args_os().collect()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("ringcast: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut logger = env_logger::Builder::new();
     logger.filter_level(cfg.log_level).parse_env("RINGCAST_LOG");
     if cfg.log_format == ringcast::config::LogFormat::Json {
@@ -21,6 +26,7 @@ fn main() -> ExitCode {
         });
     }
     logger.init();
+    log::debug!("effective config: {}", cfg.redacted());
     match ringcast::server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -79,3 +79,33 @@ fn json_log_format_writes_one_object_per_line() {
     assert!(lines.iter().any(|l| l["msg"].as_str().is_some_and(|m| m.starts_with("I/O driver"))), "{log}");
     assert!(lines.iter().all(|l| l["level"].is_string() && l["ts"].is_string() && l["target"].is_string()));
 }
+
+/// `--config ringcast.toml`: the flags' names as keys; a flag overrides the environment, which
+/// overrides the file; an unknown key stops the process with a message naming it.
+#[test]
+fn settings_file_under_env_and_flags() {
+    let dir = std::env::temp_dir().join(format!("ringcast-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ringcast.toml");
+    std::fs::write(&file, "max-topics = 1\nheartbeat = \"1h\"\ncors-origin = [\"https://app.example\"]\n").unwrap();
+    let path = file.to_str().unwrap();
+
+    let server = Server::start(&["--config", path]);
+    server.get("/events?topic=a&topic=b").assert_status(400, "2 topics with max-topics = 1 in the file");
+    let resp = server.get("/health");
+    assert_eq!(resp.header("access-control-allow-origin"), None, "cors-origin list from the file");
+
+    let server = Server::start_with_env(&["--config", path], &[("RINGCAST_MAX_TOPICS", "2")]);
+    let _two = server.subscribe(&["a", "b"]);
+    server.get("/events?topic=a&topic=b&topic=c").assert_status(400, "env (2) over the file (1)");
+
+    let server = Server::start_with_env(&["--config", path, "--max-topics", "3"], &[("RINGCAST_MAX_TOPICS", "2")]);
+    let _three = server.subscribe(&["a", "b", "c"]);
+
+    std::fs::write(&file, "max-topicz = 1\n").unwrap();
+    let out = support::command().args(["--listen", "127.0.0.1:0", "--config", path]).output().unwrap();
+    assert!(!out.status.success(), "an unknown setting was accepted");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown setting \"max-topicz\""), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
