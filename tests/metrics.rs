@@ -43,7 +43,7 @@ fn metrics_parse_and_per_core_series_add_up() {
     let server = Server::start(&["--cores", "2"]);
     let mut streams: Vec<_> = (0..6).map(|_| server.subscribe(&["m"])).collect();
     // A gzip stream, and an event big enough to be deflated once for it.
-    let mut gz = support::SseStream::open_with(
+    let gz = support::SseStream::open_with(
         server.addr,
         "GET /events?topic=m HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n",
     )
