@@ -195,8 +195,11 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
     let mut forwarded_for: Option<String> = None;
     let mut real_ip = None;
     let mut accepts_gzip = false;
+    let mut hosts = 0;
     for h in req.headers.iter() {
-        if header_eq(h.name, "content-length") {
+        if header_eq(h.name, "host") {
+            hosts += 1;
+        } else if header_eq(h.name, "content-length") {
             let text = std::str::from_utf8(h.value).map_err(|_| HttpError::BadRequest("bad Content-Length"))?;
             let text = text.trim();
             if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
@@ -243,6 +246,11 @@ pub fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<Reque
         } else if header_eq(h.name, "x-real-ip") {
             real_ip = std::str::from_utf8(h.value).ok().map(|v| v.trim().to_owned());
         }
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request names exactly one Host (two could route differently
+    // at a proxy and here).
+    if hosts > 1 || (http11 && hosts == 0) {
+        return Err(HttpError::BadRequest("an HTTP/1.1 request needs exactly one Host header"));
     }
     if has_te && content_length.is_some() {
         return Err(HttpError::BadRequest("both Content-Length and Transfer-Encoding"));
@@ -506,7 +514,7 @@ mod tests {
 
     #[test]
     fn parses_path_query_and_headers() {
-        let r = parse("GET /events?topic=a HTTP/1.1\r\nLast-Event-ID: 1-2\r\n\r\n").unwrap().unwrap();
+        let r = parse("GET /events?topic=a HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1-2\r\n\r\n").unwrap().unwrap();
         assert_eq!((r.method, r.path.as_str(), r.query.as_str()), (Method::Get, "/events", "topic=a"));
         assert_eq!(r.last_event_id.as_deref(), Some("1-2"));
         assert!(r.http11 && r.keep_alive);
@@ -516,17 +524,17 @@ mod tests {
     fn errors_map_to_statuses() {
         let cases = [
             ("GARBAGE\r\n\r\n", 400),
-            ("POST /publish HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-            ("POST /publish HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
-            ("POST /publish HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+            ("POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            ("POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n", 400),
+            ("POST /publish HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
         ];
         for (text, code) in cases {
             assert_eq!(parse(text).unwrap_err().status().0, code, "{text:?}");
         }
-        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+        let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(9000));
         assert_eq!(parse(&big).unwrap_err().status().0, 431);
         assert_eq!(parse(&"a".repeat(9000)).unwrap_err().status().0, 431);
-        assert_eq!(parse("GET /a\x01 HTTP/1.1\r\n\r\n").unwrap_err().status().0, 400);
+        assert_eq!(parse("GET /a\x01 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err().status().0, 400);
     }
 
     #[test]

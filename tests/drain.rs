@@ -83,7 +83,7 @@ fn sigterm_without_clients_exits_zero() {
 
 #[test]
 fn idle_and_stalled_clients_do_not_hold_the_drain() {
-    let mut server = Server::start(&["--drain-timeout", "1s", "--header-timeout", "60s"]);
+    let mut server = Server::start(&["--drain-timeout", "1s", "--header-timeout", "60s", "--drain-delay", "300ms"]);
     // An idle keep-alive connection, a half-sent head, and a stream that is never read again.
     let mut idle = server.connect();
     idle.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
@@ -94,7 +94,8 @@ fn idle_and_stalled_clients_do_not_hold_the_drain() {
     server.wait_for_metric("ringcast_connections", Duration::from_secs(5), |v| v >= 4.0);
 
     server.signal("TERM");
-    // While it drains, /health says so with 503 (a load balancer stops sending clients here).
+    // While it drains, /health says so with 503 (a load balancer stops sending clients here);
+    // --drain-delay keeps the node up long enough to ask.
     let drained = loop {
         idle.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         let resp = idle.read_response().expect("health during the drain");
