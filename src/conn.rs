@@ -370,7 +370,8 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             ("/health", Method::Get) => {
                 let draining = worker.draining.get() || worker.shared.draining.load(Ordering::Relaxed);
                 let health = worker.shared.health(draining);
-                let (code, text) = if draining { (503, "Service Unavailable") } else { (200, "OK") };
+                let serving = !draining && worker.shared.accepting();
+                let (code, text) = if serving { (200, "OK") } else { (503, "Service Unavailable") };
                 write_response(&mut out, code, text, "application/json", health.as_bytes(), keep_alive, &cors)
             }
             ("/", Method::Get) | ("/dashboard", Method::Get) if !worker.cfg.no_dashboard => {

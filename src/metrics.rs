@@ -8,6 +8,8 @@ use std::sync::Mutex;
 /// read-modify-write), and `/metrics`, `/health` and the dashboard read them.
 #[derive(Default)]
 pub struct CoreStats {
+    /// Its accept loop is running (`/health` is 503 when no core's is).
+    pub accepting: std::sync::atomic::AtomicBool,
     /// Open connections accepted by this core, and all it ever accepted.
     pub connections: AtomicUsize,
     pub accepted: AtomicU64,
@@ -150,6 +152,7 @@ impl Shared {
     pub fn status(&self, draining: bool) -> &'static str {
         match self.cluster.get() {
             _ if draining => "draining",
+            _ if !self.accepting() => "unavailable",
             Some(cluster) if !cluster.up() => "degraded",
             _ => "ok",
         }
@@ -172,6 +175,11 @@ impl Shared {
             "subscribers": self.cores.iter().map(|c| c.subscribers.load(Ordering::Relaxed)).sum::<usize>(),
             "redis": redis,
         })
+    }
+
+    /// Whether some core accepts connections (false: `/health` answers 503).
+    pub fn accepting(&self) -> bool {
+        self.cores.iter().any(|c| c.accepting.load(Ordering::Relaxed))
     }
 
     /// Whether any core has a gzip stream (the broker then compresses new frames once).
@@ -407,6 +415,59 @@ impl Shared {
         }
         let sum: u64 = self.cores.iter().map(&sum_ns).sum();
         let _ = writeln!(out, "{name}_sum {}\n{name}_count {cumulative}", sum as f64 / 1e9);
+    }
+}
+
+/// Log lines for refusals: one per kind at most every `REFUSAL_LOG_EVERY`, with the count since
+/// the last one (a flood of refused clients must not become a flood of log lines). Read from
+/// the counters by the chores thread; nothing on the request path.
+pub struct RefusalLog {
+    last: [u64; 7],
+    logged: [Option<std::time::Instant>; 7],
+}
+
+pub const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Default for RefusalLog {
+    fn default() -> Self {
+        RefusalLog { last: [0; 7], logged: [None; 7] }
+    }
+}
+
+impl RefusalLog {
+    const KINDS: [&'static str; 7] = [
+        "requests shed at the connection limit (200 + retry for streams, 503 otherwise)",
+        "streams refused by --max-streams-per-ip",
+        "streams refused by --new-streams-per-ip",
+        "publishes refused by --publishes-per-ip (429)",
+        "publishes refused for a missing or bad key or token (401)",
+        "publishes refused for their address or topics (403)",
+        "streams closed for being too slow (--max-queued-bytes)",
+    ];
+
+    /// Logs the kinds whose counters grew, each at most once per `REFUSAL_LOG_EVERY`.
+    pub fn tick(&mut self, shared: &Shared) {
+        let cores = |f: fn(&CoreStats) -> &AtomicU64| shared.cores.iter().map(|c| f(c).load(Ordering::Relaxed)).sum();
+        let by_ip = |r: crate::access::Refusal| shared.limits.refused[r as usize].load(Ordering::Relaxed);
+        let now: [u64; 7] = [
+            cores(|c| &c.shed),
+            by_ip(crate::access::Refusal::StreamsPerIp),
+            by_ip(crate::access::Refusal::NewStreamsPerIp),
+            by_ip(crate::access::Refusal::PublishesPerIp),
+            cores(|c| &c.refused_unauthorized),
+            cores(|c| &c.refused_forbidden),
+            cores(|c| &c.slow_disconnects),
+        ];
+        let at = std::time::Instant::now();
+        for (i, kind) in Self::KINDS.iter().enumerate() {
+            let grew = now[i].saturating_sub(self.last[i]);
+            if grew == 0 || self.logged[i].is_some_and(|t| at.duration_since(t) < REFUSAL_LOG_EVERY) {
+                continue;
+            }
+            log::warn!("{grew} {kind} since the last report");
+            self.last[i] = now[i];
+            self.logged[i] = Some(at);
+        }
     }
 }
 

@@ -324,6 +324,15 @@ impl Drain {
 }
 
 async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::io::CancelHandle) {
+    /// Marks the core as accepting while the loop runs (however it ends).
+    struct Accepting<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Accepting<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
+    worker.stats().accepting.store(true, Ordering::Relaxed);
+    let _accepting = Accepting(&worker.stats().accepting);
     loop {
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, peer)) => {

@@ -57,9 +57,11 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let chores = {
         let (broker, shared) = (broker.clone(), shared.clone());
         let mut stats = (!cfg.no_dashboard).then(|| crate::dashboard::StatsTicker::new(cfg.demo));
+        let mut refusals = crate::metrics::RefusalLog::default();
         std::thread::Builder::new().name("ringcast-broker".into()).spawn(move || {
             while let Err(mpsc::RecvTimeoutError::Timeout) = chores_stopped.recv_timeout(EXPIRE_EVERY) {
                 broker.expire();
+                refusals.tick(&shared);
                 if let Some(stats) = &mut stats {
                     stats.tick(&shared, broker.cores(), shared.draining.load(std::sync::atomic::Ordering::Relaxed));
                 }

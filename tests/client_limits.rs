@@ -100,3 +100,33 @@ fn a_trusted_proxy_names_the_client() {
     let (e, first) = open(&server, [127, 0, 0, 2], "X-Forwarded-For: 10.1.1.2\r\n");
     assert_shed(e, &first, "peer 127.0.0.2 again, whatever it claims");
 }
+
+/// Refusals are logged per kind, at most one line every 10 s with the count, never one line per
+/// refused request.
+#[test]
+fn refusals_are_logged_once_per_kind_not_per_request() {
+    let server = Server::start(&["--max-streams-per-ip", "1"]);
+    let (_kept, first) = open(&server, [127, 0, 0, 4], "");
+    assert_open(&first, "the one allowed stream");
+    for i in 0..40 {
+        let (s, first) = open(&server, [127, 0, 0, 4], "");
+        assert_shed(s, &first, &format!("refused stream {i}"));
+    }
+    let lines = |log: &str| log.lines().filter(|l| l.contains("refused by --max-streams-per-ip")).count();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while lines(&server.stderr_log()) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no log line for the refusals: {}", server.stderr_log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // More refusals within the 10 s window add no line.
+    for _ in 0..10 {
+        let (s, first) = open(&server, [127, 0, 0, 4], "");
+        assert_shed(s, &first, "refused after the log line");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let log = server.stderr_log();
+    assert_eq!(lines(&log), 1, "{log}");
+    let line = log.lines().find(|l| l.contains("refused by --max-streams-per-ip")).unwrap();
+    let count: u64 = line.split_whitespace().find_map(|w| w.parse().ok()).expect("a count in the line");
+    assert!((1..=40).contains(&count), "{line}");
+}
