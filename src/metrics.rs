@@ -421,18 +421,13 @@ impl Shared {
 /// Log lines for refusals: one per kind at most every `REFUSAL_LOG_EVERY`, with the count since
 /// the last one (a flood of refused clients must not become a flood of log lines). Read from
 /// the counters by the chores thread; nothing on the request path.
+#[derive(Default)]
 pub struct RefusalLog {
     last: [u64; 7],
     logged: [Option<std::time::Instant>; 7],
 }
 
 pub const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-impl Default for RefusalLog {
-    fn default() -> Self {
-        RefusalLog { last: [0; 7], logged: [None; 7] }
-    }
-}
 
 impl RefusalLog {
     const KINDS: [&'static str; 7] = [
