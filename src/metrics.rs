@@ -318,6 +318,7 @@ impl Shared {
              ringcast_gzip_ratio {}\n",
             if gzip_in == 0 { 1.0 } else { gzip_out as f64 / gzip_in as f64 }
         );
+        RefusalLog::render(self, &mut out);
         self.render_per_core(&mut out);
         self.render_histogram(
             &mut out,
@@ -440,11 +441,22 @@ impl RefusalLog {
         "streams closed for being too slow (--max-queued-bytes)",
     ];
 
-    /// Logs the kinds whose counters grew, each at most once per `REFUSAL_LOG_EVERY`.
-    pub fn tick(&mut self, shared: &Shared) {
+    /// `reason` label of each kind in `ringcast_refused_total`.
+    const REASONS: [&'static str; 7] = [
+        "connection_limit",
+        "streams_per_ip",
+        "new_streams_per_ip",
+        "publishes_per_ip",
+        "unauthorized",
+        "forbidden",
+        "slow_consumer",
+    ];
+
+    /// Refusals so far, by kind (the order of `KINDS`).
+    fn counts(shared: &Shared) -> [u64; 7] {
         let cores = |f: fn(&CoreStats) -> &AtomicU64| shared.cores.iter().map(|c| f(c).load(Ordering::Relaxed)).sum();
         let by_ip = |r: crate::access::Refusal| shared.limits.refused[r as usize].load(Ordering::Relaxed);
-        let now: [u64; 7] = [
+        [
             cores(|c| &c.shed),
             by_ip(crate::access::Refusal::StreamsPerIp),
             by_ip(crate::access::Refusal::NewStreamsPerIp),
@@ -452,7 +464,24 @@ impl RefusalLog {
             cores(|c| &c.refused_unauthorized),
             cores(|c| &c.refused_forbidden),
             cores(|c| &c.slow_disconnects),
-        ];
+        ]
+    }
+
+    /// `ringcast_refused_total{reason=...}`: every kind of refusal in one family.
+    pub fn render(shared: &Shared, out: &mut String) {
+        let _ = write!(
+            out,
+            "# HELP ringcast_refused_total Requests refused and streams closed, by reason.\n\
+             # TYPE ringcast_refused_total counter\n"
+        );
+        for (reason, n) in Self::REASONS.iter().zip(Self::counts(shared)) {
+            let _ = writeln!(out, "ringcast_refused_total{{reason=\"{reason}\"}} {n}");
+        }
+    }
+
+    /// Logs the kinds whose counters grew, each at most once per `REFUSAL_LOG_EVERY`.
+    pub fn tick(&mut self, shared: &Shared) {
+        let now = Self::counts(shared);
         let at = std::time::Instant::now();
         for (i, kind) in Self::KINDS.iter().enumerate() {
             let grew = now[i].saturating_sub(self.last[i]);

@@ -101,6 +101,9 @@ fn metrics_parse_and_per_core_series_add_up() {
     // The big event was deflated once for the gzip stream: the ratio is well under 1.
     let ratio = value(&all, "ringcast_gzip_ratio");
     assert!(ratio > 0.0 && ratio < 0.5, "gzip ratio {ratio}");
+    let reasons: Vec<&str> =
+        samples(&all, "ringcast_refused_total").iter().map(|s| s["labels"]["reason"].as_str().unwrap()).collect();
+    assert!(reasons.contains(&"connection_limit") && reasons.contains(&"slow_consumer"), "{reasons:?}");
     let families: Vec<&str> = all.iter().map(|s| s["type"].as_str().unwrap()).collect();
     assert!(families.contains(&"histogram") && families.contains(&"counter") && families.contains(&"gauge"));
 }
