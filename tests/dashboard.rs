@@ -44,7 +44,12 @@ fn stats_stream_reports_live_numbers() {
     let server = Server::start(&["--cores", "2"]);
     let mut stats = SseStream::open(server.addr, "/dashboard/stats").unwrap();
     stats.head.assert_status(200, "/dashboard/stats");
-    assert_eq!(stats.head.header("content-type"), Some("text/event-stream; charset=utf-8"), "{}", stats.head.describe());
+    assert_eq!(
+        stats.head.header("content-type"),
+        Some("text/event-stream; charset=utf-8"),
+        "{}",
+        stats.head.describe()
+    );
 
     let first = next_stats(&mut stats);
     for key in [

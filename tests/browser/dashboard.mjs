@@ -17,7 +17,8 @@
 
 import { answerId, checkRun, postPublish, sleep } from './launch.mjs';
 
-const OVERALL_TIMEOUT_MS = 45_000;
+// DASHBOARD_SETTLE_MS (default 3000): how long the charts run before the screenshot.
+const OVERALL_TIMEOUT_MS = 45_000 + Number(process.env.DASHBOARD_SETTLE_MS || 0);
 const STEP_TIMEOUT_MS = 15_000;
 const PUBLISHES = 25;
 const SYMBOLS = ['AAPL', 'MSFT', 'GOOG', 'AMZN', 'NVDA', 'TSLA'];
@@ -132,7 +133,7 @@ async function main() {
 
   // Let the charts gather a few seconds of lines before the picture.
   state.step = 'screenshot';
-  await sleep(3000);
+  await sleep(Number(process.env.DASHBOARD_SETTLE_MS || 3000));
   await page.screenshot({ path: shot, fullPage: true });
   log(`screenshot: ${shot}`);
   await run.finish(0, 'dashboard loads, shows live stats that follow publishes, and plays the demo ticker');
