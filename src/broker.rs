@@ -215,12 +215,24 @@ impl Broker {
         self.shared.retained_bytes.store(state.history.retained_bytes(), Ordering::Relaxed);
     }
 
-    /// Every core's mailbox (for messages that are not events: the dashboard's stats).
-    pub fn cores(&self) -> &[MailboxSender<CoreMsg>] {
-        &self.cores
+    /// Hands a notice (the dashboard's stats) to every core that has room for it. Under the
+    /// lock, like events: `publish` counts on room it saw staying room until it queues.
+    pub fn notice(&self, topic: &'static str, frame: &Frame) {
+        {
+            let _state = self.lock();
+            for core in &self.cores {
+                // A core that far behind skips this notice; nothing waits for it.
+                if !core.is_full() {
+                    let _ = core.try_push(CoreMsg::Notice(topic, frame.clone()));
+                }
+            }
+        }
+        self.notify();
     }
 
-    /// Asks every core to drain and stop (blocks while a mailbox is full: cores keep reading).
+    /// Asks every core to drain and stop. Not under the lock: it takes the slot `is_full`
+    /// keeps free, so events already checked for room still fit (blocks only if a second
+    /// shutdown came, while cores keep reading).
     pub fn shutdown(&self) {
         for core in &self.cores {
             let _ = core.send(CoreMsg::Shutdown);

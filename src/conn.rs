@@ -561,7 +561,7 @@ async fn stream_events(
     let permit = match worker.shared.limits.open_stream(client) {
         Ok(permit) => permit,
         Err(_) => {
-            worker.stats().shed.fetch_add(1, Ordering::Relaxed);
+            // Counted by the limiter under its own reason, not as a connection-limit shed.
             let retry = worker.jitter(10_000, 30_000);
             return shed_stream(&mut stream, out, req.http11, &cors, retry).await;
         }

@@ -5,8 +5,8 @@
 //! Stats cost nothing while nobody watches: the chores thread builds them only while some
 //! dashboard stream is open, and cores list their top topics only when a stats message comes.
 
-use crate::event::{CoreMsg, Publish};
-use crate::mailbox::MailboxSender;
+use crate::broker::Broker;
+use crate::event::Publish;
 use crate::metrics::{Shared, WRITE_BUCKETS_US};
 use crate::sse::encode_notice;
 use crate::worker::Worker;
@@ -38,17 +38,12 @@ impl StatsTicker {
     }
 
     /// One stats message for every core, while someone watches (the chores thread, each second).
-    pub fn tick(&mut self, shared: &Shared, cores: &[MailboxSender<CoreMsg>], draining: bool) {
+    pub fn tick(&mut self, shared: &Shared, broker: &Broker, draining: bool) {
         if shared.stats_viewers.load(Ordering::Relaxed) == 0 {
             return;
         }
         let frame = encode_notice("stats", &self.stats(shared, draining).to_string());
-        for core in cores {
-            // A core that far behind skips a second of stats; nothing waits for it.
-            if core.try_push(CoreMsg::Notice(STATS_TOPIC, frame.clone())).is_ok() {
-                core.notify();
-            }
-        }
+        broker.notice(STATS_TOPIC, &frame);
     }
 
     fn stats(&mut self, shared: &Shared, draining: bool) -> serde_json::Value {

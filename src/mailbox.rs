@@ -60,8 +60,10 @@ impl<T> MailboxSender<T> {
         self.tx.try_send(msg).map_err(|e| e.into_inner())
     }
 
+    /// Full for events and notices: the last slot stays free for the one `Shutdown` message,
+    /// which is sent without the broker's lock (see `Broker::shutdown`).
     pub fn is_full(&self) -> bool {
-        self.tx.is_full()
+        self.tx.len() + 1 >= self.tx.capacity().unwrap_or(usize::MAX)
     }
 
     /// `push` then `notify`.

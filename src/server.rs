@@ -63,7 +63,7 @@ pub fn run(cfg: Config) -> io::Result<()> {
                 broker.expire();
                 refusals.tick(&shared);
                 if let Some(stats) = &mut stats {
-                    stats.tick(&shared, broker.cores(), shared.draining.load(std::sync::atomic::Ordering::Relaxed));
+                    stats.tick(&shared, &broker, shared.draining.load(std::sync::atomic::Ordering::Relaxed));
                 }
             }
         })?

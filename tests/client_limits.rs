@@ -44,6 +44,11 @@ fn streams_per_address_are_capped() {
     let (_e, first) = open(&server, [127, 0, 0, 2], "");
     assert_open(&first, "a closed stream gave its place back");
     assert_eq!(metric(&server.metrics(), "ringcast_client_limit_refused_total{limit=\"streams_per_ip\"}"), 1.0);
+    // Counted once, under its own reason: not also as a connection-limit shed.
+    let m = server.metrics();
+    assert_eq!(metric(&m, "ringcast_refused_total{reason=\"streams_per_ip\"}"), 1.0);
+    assert_eq!(metric(&m, "ringcast_refused_total{reason=\"connection_limit\"}"), 0.0);
+    assert_eq!(metric(&m, "ringcast_connections_shed_total"), 0.0);
 }
 
 #[test]
