@@ -132,6 +132,9 @@ async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError, cors: &
     flush(stream, out).await;
 }
 
+/// Most publishes one connection gathers before they are published together.
+const MAX_GATHER: usize = 1024;
+
 /// Publishes read but not yet handed to the broker: a client's pipelined publishes go
 /// together (one lock, one batch every core takes in one pass), then are answered in order.
 #[derive(Default)]
@@ -338,6 +341,12 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             match parsed_publish {
                 Ok(publish) => pending.push(publish, keep_alive, parsed, cors),
                 Err(e) => return resolve_then_fail(&worker, &mut pending, &mut stream, &mut out, e, &cors).await,
+            }
+            // A client that pipelines without end still gets batches of bounded size (and
+            // answers): what one connection holds unpublished stays bounded.
+            if pending.publishes.len() >= MAX_GATHER && !resolve(&worker, &mut pending, &mut out).await {
+                flush(&mut stream, &mut out).await;
+                return;
             }
             if !keep_alive {
                 resolve(&worker, &mut pending, &mut out).await;

@@ -333,6 +333,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::
     }
     worker.stats().accepting.store(true, Ordering::Relaxed);
     let _accepting = Accepting(&worker.stats().accepting);
+    let (mut paused, mut last_logged) = (0u64, None);
     loop {
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, peer)) => {
@@ -350,7 +351,14 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::
             Err(_) if worker.draining.get() => break,
             Err(e) => match e.raw_os_error() {
                 Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                    log::warn!("accept: {e}; pausing {ACCEPT_BACKOFF:?}");
+                    // Out of descriptors lasts: one line per 10 s per core, with the count.
+                    paused += 1;
+                    if last_logged.is_none_or(|t: std::time::Instant| t.elapsed() >= crate::metrics::REFUSAL_LOG_EVERY)
+                    {
+                        log::warn!("accept: {e}; pausing {ACCEPT_BACKOFF:?} ({paused} time(s) since the last line)");
+                        last_logged = Some(std::time::Instant::now());
+                        paused = 0;
+                    }
                     monoio::time::sleep(ACCEPT_BACKOFF).await;
                 }
                 _ => log::debug!("accept: {e}"),

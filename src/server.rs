@@ -45,7 +45,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let mut redis_threads = Vec::new();
     if let Some(url) = &cfg.redis {
         let retention = RetentionConfig {
-            per_topic: cfg.history,
+            // --history-ttl 0 turns history off here; Redis keeps none either then.
+            per_topic: if cfg.history_ttl.is_zero() { 0 } else { cfg.history },
             ttl_ms: cfg.history_ttl.as_millis() as u64,
             all: cfg.history_max_entries.min(REDIS_ALL_MAX),
         };

@@ -187,3 +187,32 @@ fn publish_then_stream_on_one_connection() {
     let ev = s.expect_event("pipelined stream event");
     assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some(id.as_str()), "after"));
 }
+
+#[test]
+fn thousands_of_pipelined_publishes_are_published_in_bounded_batches_and_answered_in_order() {
+    use std::io::Write;
+    const N: usize = 3000; // several gather batches (at most 1024 each)
+    let server = Server::start(&[]);
+    let mut s = server.subscribe(&["flood"]);
+    let mut batch = Vec::new();
+    for i in 0..N {
+        batch.extend_from_slice(&publish_req("flood", &format!("f{i}")));
+    }
+    let stream = std::net::TcpStream::connect(server.addr).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // Written from another thread: the answers must be read while the requests still go out.
+    let sender = thread::spawn(move || writer.write_all(&batch));
+    let mut conn = Conn::from_stream(stream);
+    let mut last = None;
+    for i in 0..N {
+        let resp = conn.read_response().unwrap_or_else(|e| panic!("pipelined publish {i}: {e}"));
+        resp.assert_status(200, &format!("pipelined publish {i}"));
+        let id = parse_id(&publish_id(&resp));
+        assert!(last < Some(id), "answer {i} out of order");
+        last = Some(id);
+    }
+    sender.join().unwrap().unwrap();
+    for i in 0..N {
+        assert_eq!(s.expect_event("subscriber").data, format!("f{i}"));
+    }
+}
