@@ -587,10 +587,11 @@ async fn stream_events(
     };
     // With tokens: 401 for a missing, bad or expired one (EventSource then stops for good: the
     // page must get a new token), 403 for topics outside its `subscribe` patterns. The token's
-    // `sub` is the user targeted events are addressed to.
+    // `sub` is the user targeted events are addressed to. The dashboard's stats (topic names
+    // included) need a token covering `$stats` (`*` does).
     let mut expires = None;
     let mut user: Option<Rc<str>> = None;
-    if let (Some(jwt), StreamKind::Topics) = (&worker.shared.jwt, kind) {
+    if let Some(jwt) = &worker.shared.jwt {
         let token = jwt.token(req.authorization.as_deref(), query_token.as_deref(), req.cookie.as_deref());
         let grant = match token.ok_or(HttpError::Unauthorized).and_then(|t| jwt.verify(t)) {
             Ok(g) => g,

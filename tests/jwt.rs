@@ -127,3 +127,28 @@ fn es256_public_key_tokens() {
     stream_head(&server, &format!("/events?topic=t&token={hs}"), "").0.assert_status(401, "HS256 without a secret");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_dashboard_stats_stream_needs_a_token_covering_stats() {
+    let server = Server::start(&["--jwt-secret", SECRET]);
+    let reader = hs256(json!({"sub": "alice", "subscribe": ["news.*"], "exp": now() + 600}));
+    let operator = hs256(json!({"sub": "ops", "subscribe": ["$stats"], "exp": now() + 600}));
+    for (headers, status, what) in [
+        (String::new(), 401, "no token"),
+        (format!("Cookie: ringcast_token={reader}\r\n"), 403, "a token without $stats"),
+        (format!("Cookie: ringcast_token={operator}\r\n"), 200, "a token covering $stats"),
+    ] {
+        let (head, _conn) = stream_head(&server, "/dashboard/stats", &headers);
+        head.assert_status(status, what);
+    }
+    // The page itself holds no data: it is served without a token.
+    server.get("/").assert_status(200, "GET /");
+    let mut s = SseStream::open_with(
+        server.addr,
+        &format!("GET /dashboard/stats?token={operator} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"),
+    )
+    .unwrap();
+    s.head.assert_status(200, "stats with ?token=");
+    let ev = s.expect_event("stats");
+    assert_eq!(ev.event.as_deref(), Some("stats"), "{ev:?}");
+}
