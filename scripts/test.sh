@@ -33,7 +33,7 @@ die() {
 # ---------------------------------------------------------------------------------------------
 section "system packages"
 # Debian package names the tests need.
-APT_PACKAGES=(chromium redis-server nginx curl python3 openssl python3-prometheus-client)
+APT_PACKAGES=(chromium redis-server nginx curl python3 openssl python3-prometheus-client python3-yaml)
 
 pkg_installed() {
   dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
