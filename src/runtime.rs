@@ -333,7 +333,7 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::
     }
     worker.stats().accepting.store(true, Ordering::Relaxed);
     let _accepting = Accepting(&worker.stats().accepting);
-    let (mut paused, mut last_logged) = (0u64, None);
+    let (mut paused, mut last_logged): (u64, Option<std::time::Instant>) = (0, None);
     loop {
         match listener.cancelable_accept(cancel.clone()).await {
             Ok((stream, peer)) => {
@@ -353,8 +353,11 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, cancel: monoio::
                 Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                     // Out of descriptors lasts: one line per 10 s per core, with the count.
                     paused += 1;
-                    if last_logged.is_none_or(|t: std::time::Instant| t.elapsed() >= crate::metrics::REFUSAL_LOG_EVERY)
-                    {
+                    let due = match last_logged {
+                        Some(t) => t.elapsed() >= crate::metrics::REFUSAL_LOG_EVERY,
+                        None => true,
+                    };
+                    if due {
                         log::warn!("accept: {e}; pausing {ACCEPT_BACKOFF:?} ({paused} time(s) since the last line)");
                         last_logged = Some(std::time::Instant::now());
                         paused = 0;
