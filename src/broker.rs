@@ -230,6 +230,23 @@ impl Broker {
         self.notify();
     }
 
+    /// Hands `frame` to every event stream on every core, in order with the events (under the
+    /// lock, like them): the relay's catch-up found events trimmed before it could read them.
+    pub fn gap(&self, frame: &Frame) -> Result<(), Full> {
+        {
+            let _state = self.lock();
+            if self.cores.iter().any(|core| core.is_full()) {
+                return Err(Full);
+            }
+            for core in &self.cores {
+                let _ = core.try_push(CoreMsg::Gap(frame.clone()));
+            }
+        }
+        self.shared.relay_gaps.fetch_add(1, Ordering::Relaxed);
+        self.notify();
+        Ok(())
+    }
+
     /// Asks every core to drain and stop. Not under the lock: it takes the slot `is_full`
     /// keeps free, so events already checked for room still fit (blocks only if a second
     /// shutdown came, while cores keep reading).

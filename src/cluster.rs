@@ -527,6 +527,7 @@ fn relay_session(
     backoff: &mut Backoff,
 ) -> redis::RedisResult<()> {
     let mut conn = connect(client)?;
+    let rejoining = !*first;
     if *first {
         // A node that just started takes the events from now on (read before subscribing; the
         // catch-up below covers the events between this and the subscription).
@@ -540,6 +541,9 @@ fn relay_session(
     let mut pubsub = reader.as_pubsub();
     pubsub.subscribe(RELAY_CHANNEL)?;
     pubsub.set_read_timeout(Some(RELAY_POLL))?;
+    if rejoining {
+        signal_trimmed(&mut conn, broker)?;
+    }
     catch_up(&mut conn, broker)?;
     backoff.reset();
     cluster.set(&cluster.relay_up, true);
@@ -666,6 +670,72 @@ fn read_history(
         vouched = true;
     }
     Ok(HistoryAnswer { events, vouched })
+}
+
+/// Before a catch-up: when Redis already trimmed events newer than the last one this node
+/// delivered (it was cut off for longer than `ringcast:all` holds), they are lost to its live
+/// streams; each of them gets `event: ringcast-gap` first (`topics` null: any topic), so a page
+/// knows to reload, like a resume that cannot be vouched for. Trimming takes the oldest first,
+/// so while the last delivered event is still in the stream nothing after it is gone; once it
+/// is gone and newer ones were added, some of those may be (exactly at the boundary this can
+/// signal a gap that lost nothing). A data set that is gone altogether (a restart without
+/// persistence: `since` is newer) is not signalled here, only on resume.
+fn signal_trimmed(conn: &mut redis::Connection, broker: &Broker) -> redis::RedisResult<()> {
+    let after = broker.relayed();
+    let since: Option<String> = redis::cmd("HGET").arg("ringcast:last").arg("since").query(conn)?;
+    if !since.and_then(|s| s.parse::<EventId>().ok()).is_some_and(|since| since <= after) {
+        return Ok(());
+    }
+    let at: Vec<(String, Vec<Vec<u8>>)> =
+        redis::cmd("XRANGE").arg(ALL_STREAM).arg(after.to_string()).arg(after.to_string()).query(conn)?;
+    if !at.is_empty() {
+        return Ok(());
+    }
+    let info: redis::RedisResult<redis::Value> = redis::cmd("XINFO").arg("STREAM").arg(ALL_STREAM).query(conn);
+    let info = match info {
+        Ok(info) => info,
+        Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => return Err(e),
+        Err(_) => return Ok(()), // no stream: nothing was added after it
+    };
+    // A map (RESP3) or a flat list of name, value pairs (RESP2).
+    let mut info: std::collections::HashMap<String, redis::Value> = match info {
+        redis::Value::Map(pairs) => {
+            pairs.into_iter().filter_map(|(k, v)| Some((redis::from_redis_value::<String>(k).ok()?, v))).collect()
+        }
+        redis::Value::Array(items) => {
+            let mut items = items.into_iter();
+            let mut map = std::collections::HashMap::new();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                if let Ok(k) = redis::from_redis_value::<String>(k) {
+                    map.insert(k, v);
+                }
+            }
+            map
+        }
+        _ => return Ok(()),
+    };
+    let id = |v: Option<redis::Value>| -> Option<EventId> { redis::from_redis_value::<String>(v?).ok()?.parse().ok() };
+    let Some(newest) = id(info.remove("last-generated-id")) else { return Ok(()) };
+    if newest <= after {
+        return Ok(());
+    }
+    let oldest = id(info.remove("first-entry").and_then(|v| match v {
+        redis::Value::Array(mut entry) if !entry.is_empty() => Some(entry.swap_remove(0)),
+        _ => None,
+    }));
+    log::warn!(
+        "relay: events after {after} were trimmed from Redis before this node caught up: streams get ringcast-gap"
+    );
+    let data = serde_json::json!({
+        "lastEventId": after.to_string(),
+        "oldestRetained": oldest.map(|id| id.to_string()),
+        "topics": null,
+    });
+    let frame = crate::sse::encode_notice("ringcast-gap", &data.to_string());
+    while let Err(Full) = broker.gap(&frame) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 /// Reads every event after the newest one delivered from the stream of all events, in order.

@@ -52,6 +52,9 @@ pub enum CoreMsg {
     /// A frame that is not a numbered event, for the streams of one internal topic (the
     /// dashboard's stats, `$stats`).
     Notice(&'static str, crate::sse::Frame),
+    /// A notice for every event stream on the core (`ringcast-gap` when the relay lost events
+    /// it cannot recover), in order with the events around it.
+    Gap(crate::sse::Frame),
     Shutdown,
 }
 

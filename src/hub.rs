@@ -717,6 +717,25 @@ impl Hub {
         }
     }
 
+    /// Queues `frame` for every open event stream (not the dashboard's `$` streams).
+    pub fn notice_all(&mut self, frame: &Frame, stats: &CoreStats) {
+        let Hub { subs, dirty, limits, .. } = self;
+        let mut dropped = 0;
+        for (key, sub) in subs.iter_mut() {
+            if sub.state != StreamState::Open || sub.topics.iter().all(|(t, _)| t.starts_with('$')) {
+                continue;
+            }
+            match sub.enqueue(frame.for_stream(sub.wire), NO_TAG, limits.max_queued, limits.slow) {
+                Queued::Dropped => dropped += 1,
+                Queued::Closed => {}
+                _ => mark_dirty(dirty, sub, key),
+            }
+        }
+        if dropped > 0 {
+            stats.slow_disconnects.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
     /// The `n` topics with the most streams on this core (internal `$` topics left out).
     pub fn top_topics(&self, n: usize) -> Vec<(Box<str>, usize)> {
         let mut all: Vec<(&Rc<str>, usize)> = self

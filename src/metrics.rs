@@ -102,6 +102,9 @@ pub struct Shared {
     pub connections: AtomicUsize,
     pub max_connections: usize,
     pub events_published: AtomicU64,
+    /// Times the relay found events trimmed from Redis before this node could catch up on
+    /// them (every stream then got `ringcast-gap`).
+    pub relay_gaps: AtomicU64,
     /// Set at SIGTERM/SIGINT: `/health` answers 503 from then on (--drain-delay before the
     /// cores start closing streams).
     pub draining: std::sync::atomic::AtomicBool,
@@ -133,6 +136,7 @@ impl Shared {
             connections: AtomicUsize::new(0),
             max_connections,
             events_published: AtomicU64::new(0),
+            relay_gaps: AtomicU64::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
             stats_viewers: AtomicUsize::new(0),
             gzip_in: AtomicU64::new(0),
@@ -275,6 +279,12 @@ impl Shared {
                 "counter",
                 "Times a Redis connection was lost.",
                 cluster.reconnects.load(Ordering::Relaxed),
+            );
+            metric(
+                "ringcast_relay_gaps_total",
+                "counter",
+                "Catch-ups that found events already trimmed from Redis (streams got ringcast-gap).",
+                self.relay_gaps.load(Ordering::Relaxed),
             );
         }
         let _ = write!(

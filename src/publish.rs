@@ -82,8 +82,11 @@ pub fn decode_form(input: &[u8]) -> Result<Vec<(String, String)>, HttpError> {
             match part[i] {
                 b'+' => out.push(b' '),
                 b'%' if i + 2 < part.len() => {
-                    let hex =
-                        std::str::from_utf8(&part[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                    // Two hex digits exactly: `from_str_radix` alone also takes a sign (`%+A`).
+                    let hex = std::str::from_utf8(&part[i + 1..i + 3])
+                        .ok()
+                        .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .and_then(|h| u8::from_str_radix(h, 16).ok());
                     match hex {
                         Some(b) => {
                             out.push(b);
@@ -256,6 +259,8 @@ mod tests {
             ]
         );
         assert!(decode_form(b"data=%FF%FE").is_err());
+        // A sign is not a hex digit (`u8::from_str_radix` takes `+A`): found by fuzz/publish_body.
+        assert_eq!(decode_form(b"d=%+A1").unwrap(), vec![("d".into(), "% A1".into())]);
         let form = Some("application/x-www-form-urlencoded");
         assert!(parse_publish("", form, b"topic=a&data=%FF%FE", 64).is_err());
     }

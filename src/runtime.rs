@@ -219,6 +219,10 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
                         }
                         continue;
                     }
+                    Some(CoreMsg::Gap(frame)) => {
+                        worker.hub.borrow_mut().notice_all(&frame, worker.stats());
+                        continue;
+                    }
                     Some(CoreMsg::Shutdown) => {
                         if drain.is_none() {
                             drain = Some(Drain::start(&worker, canceller.take(), accept.take()).await);

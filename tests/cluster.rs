@@ -251,6 +251,47 @@ fn node_cut_off_from_redis_catches_up_on_what_others_published() {
 }
 
 #[test]
+fn events_trimmed_while_a_node_was_cut_off_are_signalled_as_a_gap() {
+    let redis = Redis::start();
+    let relay = support::relay::Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let a = node(&redis.url(), "a");
+    let b = node(&format!("redis://{}/", relay.addr), "b");
+    let mut on_a = a.subscribe(&["k"]);
+    let mut on_b = b.subscribe(&["k"]);
+    let first: Vec<(String, String)> =
+        (0..5).map(|i| (support::publish(a.addr, "k", &format!("e{i}")), format!("e{i}"))).collect();
+    assert_eq!(read_events(&mut on_b, 5, "node b before the cut"), first);
+    relay.cut();
+    wait_health(&b, "degraded");
+    for i in 5..10 {
+        support::publish(a.addr, "k", &format!("e{i}"));
+    }
+    // Redis trims what node b has not read yet (as a long outage past ringcast:all's cap would).
+    let _: usize = redis::cmd("XTRIM").arg("ringcast:all").arg("MAXLEN").arg(0).query(&mut redis.connection()).unwrap();
+    relay.resume();
+    wait_health(&b, "ok");
+    let later: Vec<(String, String)> =
+        (10..13).map(|i| (support::publish(a.addr, "k", &format!("e{i}")), format!("e{i}"))).collect();
+
+    let gap = on_b.expect_event("node b after the trim");
+    assert_eq!(gap.event.as_deref(), Some("ringcast-gap"), "{gap:?}");
+    assert_eq!(gap.id, None, "{gap:?}");
+    let notice: serde_json::Value = serde_json::from_str(&gap.data).unwrap();
+    assert_eq!(notice["lastEventId"], first[4].0.as_str(), "{notice}");
+    assert!(notice["topics"].is_null(), "{notice}");
+    assert_eq!(read_events(&mut on_b, 3, "node b after the gap"), later);
+    assert_eq!(support::metric(&b.metrics(), "ringcast_relay_gaps_total"), 1.0);
+    // Node a never lost its relay: every event, no notice.
+    let all = read_events(&mut on_a, 13, "node a");
+    assert!(all.iter().map(|(_, d)| d.as_str()).eq((0..13)
+        .map(|i| format!("e{i}"))
+        .collect::<Vec<_>>()
+        .iter()
+        .map(String::as_str)));
+    assert_eq!(support::metric(&a.metrics(), "ringcast_relay_gaps_total"), 0.0);
+}
+
+#[test]
 fn redis_restart_degrades_then_nodes_rejoin() {
     let mut redis = Redis::start();
     let port = redis.port;
