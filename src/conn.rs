@@ -289,9 +289,18 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
                     return;
                 }
             }
+            // Nothing of a next request yet (`fill` holds the buffer while it reads).
+            let idle = buf.is_empty() && pending.is_empty();
             match fill(&mut stream, &mut buf, &mut out, deadline).await {
                 Ok(()) => {}
                 Err(ReadError::Closed) => return,
+                // An idle keep-alive connection (no byte of a next request) is closed quietly, as
+                // nginx does: an unasked 408 could be read as the answer to a request the
+                // client sends at that moment. A request under way gets its 408.
+                Err(ReadError::Timeout) if idle => {
+                    flush(&mut stream, &mut out).await;
+                    return;
+                }
                 Err(ReadError::Timeout) => {
                     return fail(&mut stream, &mut out, HttpError::Timeout, &worker.cors.headers(None)).await
                 }

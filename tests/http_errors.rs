@@ -197,6 +197,19 @@ fn slow_head_is_408() {
 }
 
 #[test]
+fn idle_keep_alive_connection_is_closed_quietly() {
+    let mut f = Fixture::start(&["--header-timeout", "1s"]);
+    let mut conn = f.server.connect();
+    conn.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    conn.read_response().expect("first answer").assert_status(200, "GET /health");
+    // No byte of a next request: after --header-timeout the server closes without a 408 (one
+    // unasked could be read as the answer to a request sent at that moment).
+    let rest = conn.read_to_end().expect("read until the server closes");
+    assert!(rest.is_empty(), "idle keep-alive got {:?}", String::from_utf8_lossy(&rest));
+    f.still_serves("idle keep-alive closed");
+}
+
+#[test]
 fn trickled_head_is_408() {
     // A client that keeps sending one byte at a time never completes its head in time.
     let mut f = Fixture::start(&["--header-timeout", "1s"]);
