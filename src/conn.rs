@@ -714,7 +714,7 @@ async fn cluster_history(
     match slot.wait().await {
         Some(answer) => Replay {
             gap: if answer.vouched { None } else { local.gap },
-            events: answer.events.into_iter().map(|(id, publish)| worker.broker.encode(id, publish)).collect(),
+            events: answer.events.into_iter().map(|(id, publish)| worker.replayed_event(id, publish)).collect(),
         },
         None => local,
     }

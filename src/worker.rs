@@ -4,9 +4,11 @@
 use crate::access::{Cors, PublishAccess};
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::event::{Event, EventId, Publish};
 use crate::hub::{Hub, HubLimits};
 use crate::metrics::{CoreStats, Shared};
 use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,19 @@ const SLICE_TARGET: Duration = Duration::from_micros(50);
 /// Bounds of the adaptive slice, in streams.
 const SLICE_MIN: usize = 4;
 const SLICE_MAX: usize = 1024;
+/// Bytes of frames one core keeps of the events it read back from Redis for replays.
+const REPLAY_CACHE_BYTES: usize = 8 << 20;
+
+/// Events read back from Redis for replays on this core, newest last, within
+/// `REPLAY_CACHE_BYTES`: a resume storm on a node that cannot vouch from memory (it just
+/// started) shares one encoded frame per event, not one per stream.
+#[derive(Default)]
+struct ReplayCache {
+    events: HashMap<EventId, Arc<Event>>,
+    order: VecDeque<EventId>,
+    bytes: usize,
+}
+
 /// Per-core state shared by this core's tasks (never across threads).
 pub struct Worker {
     pub index: usize,
@@ -37,6 +52,7 @@ pub struct Worker {
     rng: Cell<u64>,
     /// Streams per slice of sends (adapts to `SLICE_TARGET`).
     slice: Cell<usize>,
+    replayed: RefCell<ReplayCache>,
 }
 
 impl Worker {
@@ -59,6 +75,7 @@ impl Worker {
             draining: Cell::new(false),
             rng: Cell::new(seed | 1),
             slice: Cell::new(16),
+            replayed: RefCell::new(ReplayCache::default()),
         })
     }
 
@@ -74,6 +91,32 @@ impl Worker {
         x ^= x << 17;
         self.rng.set(x);
         lo + x % (hi - lo).max(1)
+    }
+
+    /// An event read back from Redis for a replay, encoded once per core while it is cached
+    /// (with its gzip chunk when gzip streams exist).
+    pub fn replayed_event(&self, id: EventId, publish: Publish) -> Arc<Event> {
+        let mut cache = self.replayed.borrow_mut();
+        if let Some(event) = cache.events.get(&id) {
+            if event.frame.gzip_len().is_some() || !self.shared.any_gzip() {
+                return event.clone();
+            }
+        }
+        let event = self.broker.encode(id, publish);
+        let size = event.frame.memory();
+        if let Some(old) = cache.events.insert(id, event.clone()) {
+            cache.bytes -= old.frame.memory(); // re-encoded with its gzip chunk
+        } else {
+            cache.order.push_back(id);
+        }
+        cache.bytes += size;
+        while cache.bytes > REPLAY_CACHE_BYTES {
+            let Some(oldest) = cache.order.pop_front() else { break };
+            if let Some(gone) = cache.events.remove(&oldest) {
+                cache.bytes -= gone.frame.memory();
+            }
+        }
+        event
     }
 
     /// Sends one slice of what is pending; true when more remains.
