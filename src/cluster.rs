@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-/// The Redis Function library (loaded with `FUNCTION LOAD REPLACE` at start). Version 2:
+/// The Redis Function library (loaded with `FUNCTION LOAD REPLACE` at start). Version 3:
 /// `FCALL ringcast_version 0` returns it. `ringcast_publish 0 <topics> <data> [event] [after]
 /// [maxlen ttl-ms all-maxlen] [users]`: topics comma-separated; users (targeted delivery: only
 /// those users' streams get the event) comma-separated, empty for everyone; `after` is an id the new one must follow
@@ -100,12 +100,17 @@ local function publish(keys, args)
     maxlen, ttl, all_maxlen = tonumber(cfg[1]) or 1000, tonumber(cfg[2]) or 0, tonumber(cfg[3]) or 100000
   end
   local list = table.concat(topics, ' ')
-  for _, topic in ipairs(topics) do
+  -- maxlen 0: no per-topic history (--history 0 or --history-ttl 0).
+  for _, topic in ipairs(maxlen > 0 and topics or {}) do
     local key = P .. 's:' .. topic
     redis.call('XADD', key, 'MAXLEN', '~', maxlen, id, 'e', event, 'd', data, 't', list, 'u', ulist)
     -- By age at most once per millisecond (the first id of each): trimming is a scan.
-    if ttl > 0 and seq == 0 then
-      redis.call('XTRIM', key, 'MINID', '~', string.format('%d-0', ms - ttl))
+    if ttl > 0 then
+      if seq == 0 then
+        redis.call('XTRIM', key, 'MINID', '~', string.format('%d-0', ms - ttl))
+      end
+      -- A topic nobody publishes to any more goes once all it holds is older than the TTL.
+      redis.call('PEXPIRE', key, ttl)
     end
   end
   redis.call('XADD', P .. 'all', 'MAXLEN', '~', all_maxlen, id, 'e', event, 'd', data, 't', list, 'u', ulist)
@@ -114,7 +119,7 @@ local function publish(keys, args)
 end
 
 redis.register_function('ringcast_publish', publish)
-redis.register_function('ringcast_version', function() return 2 end)
+redis.register_function('ringcast_version', function() return 3 end)
 "#;
 
 const RELAY_CHANNEL: &str = "ringcast:relay";

@@ -132,7 +132,10 @@ fn fcall_from_another_service_reaches_every_node() {
         redis::cmd("FCALL").arg("ringcast_publish").arg(0).arg("bad topic!").arg("x").query(&mut conn);
     assert!(bad.is_err(), "a bad topic was accepted");
     let version: i64 = redis::cmd("FCALL").arg("ringcast_version").arg(0).query(&mut conn).expect("version");
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+    // A topic's stream expires --history-ttl (1 h by default) after its last publish.
+    let ttl: i64 = redis::cmd("PTTL").arg("ringcast:s:news").query(&mut conn).expect("PTTL");
+    assert!(ttl > 3_500_000 && ttl <= 3_600_000, "ringcast:s:news PTTL {ttl}");
 }
 
 #[test]
