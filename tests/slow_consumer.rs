@@ -79,6 +79,9 @@ fn slow_consumer_is_cut_off_and_reader_gets_every_event() {
     server.wait_for_metric("ringcast_subscribers", Duration::from_secs(10), |v| v == 0.0);
     let m = server.metrics();
     assert!(metric(&m, "ringcast_events_published_total") >= EVENTS as f64);
-    // The unread socket filled up before the cut: its frames waited in a backlog.
-    assert!(metric(&m, "ringcast_stream_backlogs_total") >= 1.0, "no backlog counted: {m:?}");
+    // Counted once, on one core. (Whether its frames first waited in a backlog depends on
+    // timing: a core descheduled for a few events cuts the stream when it queues them, before
+    // any send meets the full socket; so no backlog assertion here.)
+    assert_eq!(metric(&m, "ringcast_slow_consumer_disconnects_total"), 1.0, "{m:?}");
+    assert_eq!(metric(&m, "ringcast_refused_total{reason=\"slow_consumer\"}"), 1.0, "{m:?}");
 }
