@@ -174,3 +174,30 @@ fn chromium_shows_the_live_dashboard() {
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "screenshot is not a real PNG");
     print!("{out}");
 }
+
+#[test]
+fn chromium_dashboard_with_tokens_explains_the_refusal_then_shows_stats() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let root = repo_root();
+    let browser_dir = root.join("tests").join("browser");
+    check_prerequisites(&browser_dir);
+    let server = Server::start(&["--cores", "1", "--jwt-secret", "dash-secret"]);
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let claims = serde_json::json!({"sub": "ops", "subscribe": ["$stats"], "exp": exp});
+    let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"dash-secret")).unwrap();
+    let base = format!("http://{}", server.addr);
+    let mut cmd = Command::new("node");
+    cmd.current_dir(&root)
+        .arg(browser_dir.join("dashboard_token.mjs"))
+        .arg(&base)
+        .arg(&token)
+        .env("CHROMIUM_PATH", chromium_path());
+    let (status, out, err) = run_bounded(cmd, SCRIPT_TIMEOUT);
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "dashboard token check failed against {base}: {status:?}\n--- node stdout ---\n{out}\n\
+         --- node stderr ---\n{err}\n--- server stderr ---\n{}",
+        server.stderr_log()
+    );
+    print!("{out}");
+}
