@@ -132,8 +132,10 @@ async fn fail(stream: &mut TcpStream, out: &mut Vec<u8>, err: HttpError, cors: &
     flush(stream, out).await;
 }
 
-/// Most publishes one connection gathers before they are published together.
+/// Most publishes one connection gathers before they are published together, and most bytes
+/// of data (a single publish may be larger: it is then published alone).
 const MAX_GATHER: usize = 1024;
+const MAX_GATHER_BYTES: usize = 4 << 20;
 
 /// Publishes read but not yet handed to the broker: a client's pipelined publishes go
 /// together (one lock, one batch every core takes in one pass), then are answered in order.
@@ -144,6 +146,8 @@ struct Pending {
     /// its CORS lines.
     answers: Vec<(bool, std::time::Instant, Cow<'static, str>)>,
     ids: Vec<EventId>,
+    /// Data bytes of `publishes`.
+    bytes: usize,
 }
 
 impl Pending {
@@ -152,6 +156,7 @@ impl Pending {
     }
 
     fn push(&mut self, publish: Publish, keep_alive: bool, parsed: std::time::Instant, cors: Cow<'static, str>) {
+        self.bytes += publish.data.len();
         self.publishes.push(publish);
         self.answers.push((keep_alive, parsed, cors));
     }
@@ -167,7 +172,9 @@ async fn resolve(worker: &Worker, pending: &mut Pending, out: &mut Vec<u8>) -> b
         return true;
     }
     let deadline = Instant::now() + worker.cfg.header_timeout;
-    let Ok(degraded) = publish_batch(worker, &mut pending.publishes, &mut pending.ids, deadline).await else {
+    let published = publish_batch(worker, &mut pending.publishes, &mut pending.ids, deadline).await;
+    pending.bytes = pending.publishes.iter().map(|p| p.data.len()).sum();
+    let Ok(degraded) = published else {
         return busy(pending, out);
     };
     for (id, (keep_alive, parsed, cors)) in pending.ids.drain(..).zip(pending.answers.drain(..)) {
@@ -222,6 +229,7 @@ pub async fn publish_batch(
 fn busy(pending: &mut Pending, out: &mut Vec<u8>) -> bool {
     let cors = pending.answers.first().map(|a| a.2.clone()).unwrap_or_default();
     pending.publishes.clear();
+    pending.bytes = 0;
     pending.answers.clear();
     pending.ids.clear();
     HttpError::Unavailable.write_response(out, &cors);
@@ -353,7 +361,8 @@ async fn serve(worker: Rc<Worker>, mut stream: TcpStream, over_limit: bool, peer
             }
             // A client that pipelines without end still gets batches of bounded size (and
             // answers): what one connection holds unpublished stays bounded.
-            if pending.publishes.len() >= MAX_GATHER && !resolve(&worker, &mut pending, &mut out).await {
+            let full = pending.publishes.len() >= MAX_GATHER || pending.bytes >= MAX_GATHER_BYTES;
+            if full && !resolve(&worker, &mut pending, &mut out).await {
                 flush(&mut stream, &mut out).await;
                 return;
             }
