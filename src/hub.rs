@@ -701,30 +701,29 @@ impl Hub {
     /// Queues a frame that is not a numbered event (the dashboard's stats) for every stream of
     /// `topic`, whatever its `live_after`; such topics cannot be published to.
     pub fn notice(&mut self, topic: &str, frame: &Frame, stats: &CoreStats) {
-        let Hub { subs, topics, limits, dirty, .. } = self;
-        let Some(set) = topics.get(topic) else { return };
-        let mut dropped = 0;
-        for (_, &key) in set.iter() {
-            let sub = &mut subs[key];
-            match sub.enqueue(frame.for_stream(sub.wire), NO_TAG, limits.max_queued, limits.slow) {
-                Queued::Dropped => dropped += 1,
-                Queued::Closed => {}
-                _ => mark_dirty(dirty, sub, key),
-            }
-        }
-        if dropped > 0 {
-            stats.slow_disconnects.fetch_add(dropped, Ordering::Relaxed);
-        }
+        let Some(set) = self.topics.get(topic) else { return };
+        let keys: Vec<usize> = set.iter().map(|(_, &key)| key).collect();
+        self.queue_notice(keys, frame, stats);
     }
 
     /// Queues `frame` for every open event stream (not the dashboard's `$` streams).
     pub fn notice_all(&mut self, frame: &Frame, stats: &CoreStats) {
-        let Hub { subs, dirty, limits, .. } = self;
+        let keys: Vec<usize> = self
+            .subs
+            .iter()
+            .filter(|(_, sub)| sub.state == StreamState::Open && !sub.topics.iter().all(|(t, _)| t.starts_with('$')))
+            .map(|(key, _)| key)
+            .collect();
+        self.queue_notice(keys, frame, stats);
+    }
+
+    /// `notice` and `notice_all`: the frame on each of `keys`, counting the streams it made
+    /// too slow. (Once a second or rarer: the key list costs nothing that matters.)
+    fn queue_notice(&mut self, keys: Vec<usize>, frame: &Frame, stats: &CoreStats) {
+        let Hub { subs, limits, dirty, .. } = self;
         let mut dropped = 0;
-        for (key, sub) in subs.iter_mut() {
-            if sub.state != StreamState::Open || sub.topics.iter().all(|(t, _)| t.starts_with('$')) {
-                continue;
-            }
+        for key in keys {
+            let sub = &mut subs[key];
             match sub.enqueue(frame.for_stream(sub.wire), NO_TAG, limits.max_queued, limits.slow) {
                 Queued::Dropped => dropped += 1,
                 Queued::Closed => {}

@@ -145,59 +145,43 @@ fn no_dashboard_turns_the_page_and_stats_off() {
     assert_eq!(s.expect_event("subscriber").data, "yes");
 }
 
-#[test]
-fn chromium_shows_the_live_dashboard() {
+/// Runs `tests/browser/<script> <base> <arg>` against `server` and fails the test with the
+/// script's and the server's output unless it exits 0.
+fn run_page_check(server: &Server, script: &str, arg: &str) {
     let root = repo_root();
     let browser_dir = root.join("tests").join("browser");
     check_prerequisites(&browser_dir);
-    let artifacts = root.join("target").join("artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let shot = artifacts.join("dashboard.png");
-    let _ = std::fs::remove_file(&shot);
-
-    let server = Server::start(&["--cores", "2", "--demo"]);
     let base = format!("http://{}", server.addr);
     let mut cmd = Command::new("node");
-    cmd.current_dir(&root)
-        .arg(browser_dir.join("dashboard.mjs"))
-        .arg(&base)
-        .arg(&shot)
-        .env("CHROMIUM_PATH", chromium_path());
+    cmd.current_dir(&root).arg(browser_dir.join(script)).arg(&base).arg(arg).env("CHROMIUM_PATH", chromium_path());
     let (status, out, err) = run_bounded(cmd, SCRIPT_TIMEOUT);
     assert!(
         matches!(status, Some(s) if s.success()),
-        "dashboard browser check failed against {base}: {status:?}\n--- node stdout ---\n{out}\n\
+        "{script} failed against {base}: {status:?}\n--- node stdout ---\n{out}\n\
          --- node stderr ---\n{err}\n--- server stderr ---\n{}",
         server.stderr_log()
     );
+    print!("{out}");
+}
+
+#[test]
+fn chromium_shows_the_live_dashboard() {
+    let artifacts = repo_root().join("target").join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let server = Server::start(&["--cores", "2", "--demo"]);
+    run_page_check(&server, "dashboard.mjs", shot.to_str().expect("UTF-8 path"));
     let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", shot.display()));
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "screenshot is not a real PNG");
-    print!("{out}");
 }
 
 #[test]
 fn chromium_dashboard_with_tokens_explains_the_refusal_then_shows_stats() {
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    let root = repo_root();
-    let browser_dir = root.join("tests").join("browser");
-    check_prerequisites(&browser_dir);
     let server = Server::start(&["--cores", "1", "--jwt-secret", "dash-secret"]);
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
     let claims = serde_json::json!({"sub": "ops", "subscribe": ["$stats"], "exp": exp});
     let token = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"dash-secret")).unwrap();
-    let base = format!("http://{}", server.addr);
-    let mut cmd = Command::new("node");
-    cmd.current_dir(&root)
-        .arg(browser_dir.join("dashboard_token.mjs"))
-        .arg(&base)
-        .arg(&token)
-        .env("CHROMIUM_PATH", chromium_path());
-    let (status, out, err) = run_bounded(cmd, SCRIPT_TIMEOUT);
-    assert!(
-        matches!(status, Some(s) if s.success()),
-        "dashboard token check failed against {base}: {status:?}\n--- node stdout ---\n{out}\n\
-         --- node stderr ---\n{err}\n--- server stderr ---\n{}",
-        server.stderr_log()
-    );
-    print!("{out}");
+    run_page_check(&server, "dashboard_token.mjs", &token);
 }

@@ -188,23 +188,23 @@ fn publish_then_stream_on_one_connection() {
     assert_eq!((ev.id.as_deref(), ev.data.as_str()), (Some(id.as_str()), "after"));
 }
 
-#[test]
-fn thousands_of_pipelined_publishes_are_published_in_bounded_batches_and_answered_in_order() {
+/// Pipelines one publish per body to `topic` on one connection (written from another thread:
+/// the answers must be read while the requests still go out) and checks every answer is 200,
+/// in order, with increasing ids.
+fn pipeline_publishes(server: &Server, topic: &str, bodies: impl Iterator<Item = String>) {
     use std::io::Write;
-    const N: usize = 3000; // several gather batches (at most 1024 each)
-    let server = Server::start(&[]);
-    let mut s = server.subscribe(&["flood"]);
     let mut batch = Vec::new();
-    for i in 0..N {
-        batch.extend_from_slice(&publish_req("flood", &format!("f{i}")));
+    let mut count = 0;
+    for body in bodies {
+        batch.extend_from_slice(&publish_req(topic, &body));
+        count += 1;
     }
     let stream = std::net::TcpStream::connect(server.addr).unwrap();
     let mut writer = stream.try_clone().unwrap();
-    // Written from another thread: the answers must be read while the requests still go out.
     let sender = thread::spawn(move || writer.write_all(&batch));
     let mut conn = Conn::from_stream(stream);
     let mut last = None;
-    for i in 0..N {
+    for i in 0..count {
         let resp = conn.read_response().unwrap_or_else(|e| panic!("pipelined publish {i}: {e}"));
         resp.assert_status(200, &format!("pipelined publish {i}"));
         let id = parse_id(&publish_id(&resp));
@@ -212,6 +212,14 @@ fn thousands_of_pipelined_publishes_are_published_in_bounded_batches_and_answere
         last = Some(id);
     }
     sender.join().unwrap().unwrap();
+}
+
+#[test]
+fn thousands_of_pipelined_publishes_are_published_in_bounded_batches_and_answered_in_order() {
+    const N: usize = 3000; // several gather batches (at most 1024 each)
+    let server = Server::start(&[]);
+    let mut s = server.subscribe(&["flood"]);
+    pipeline_publishes(&server, "flood", (0..N).map(|i| format!("f{i}")));
     for i in 0..N {
         assert_eq!(s.expect_event("subscriber").data, format!("f{i}"));
     }
@@ -219,30 +227,13 @@ fn thousands_of_pipelined_publishes_are_published_in_bounded_batches_and_answere
 
 #[test]
 fn pipelined_large_publishes_are_batched_by_bytes_and_all_delivered() {
-    use std::io::Write;
     const N: usize = 40; // 40 x 200 KB = 8 MB: at least two gather batches of at most 4 MiB
     let server = Server::start(&[]);
     let mut s = server.subscribe(&["big"]);
     let body = |i: usize| format!("{i:03}{}", "y".repeat(200_000));
     // The subscriber reads as events come (8 MB is more than --max-queued-bytes).
     let reader = thread::spawn(move || (0..N).map(|_| s.expect_event("subscriber").data).collect::<Vec<_>>());
-    let mut batch = Vec::new();
-    for i in 0..N {
-        batch.extend_from_slice(&publish_req("big", &body(i)));
-    }
-    let stream = std::net::TcpStream::connect(server.addr).unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let sender = thread::spawn(move || writer.write_all(&batch));
-    let mut conn = Conn::from_stream(stream);
-    let mut last = None;
-    for i in 0..N {
-        let resp = conn.read_response().unwrap_or_else(|e| panic!("pipelined publish {i}: {e}"));
-        resp.assert_status(200, &format!("pipelined publish {i}"));
-        let id = parse_id(&publish_id(&resp));
-        assert!(last < Some(id), "answer {i} out of order");
-        last = Some(id);
-    }
-    sender.join().unwrap().unwrap();
+    pipeline_publishes(&server, "big", (0..N).map(body));
     let got = reader.join().expect("subscriber");
     for (i, data) in got.iter().enumerate() {
         assert!(*data == body(i), "event {i} differs");
