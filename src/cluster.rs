@@ -375,7 +375,7 @@ fn prepare(conn: &mut redis::Connection, retention: &RetentionConfig) -> redis::
     redis::cmd("HSET")
         .arg("ringcast:config")
         .arg("maxlen")
-        .arg(retention.per_topic.max(1))
+        .arg(retention.per_topic)
         .arg("ttl_ms")
         .arg(retention.ttl_ms)
         .arg("all_maxlen")
@@ -470,7 +470,7 @@ fn run_publisher(
                     .arg(&p.data)
                     .arg(p.event.as_deref().unwrap_or(""))
                     .arg(&after)
-                    .arg(retention.per_topic.max(1))
+                    .arg(retention.per_topic)
                     .arg(retention.ttl_ms)
                     .arg(retention.all.max(1))
                     .arg(p.users.join(","));

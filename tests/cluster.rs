@@ -384,3 +384,19 @@ fn open_stream_at(addr: std::net::SocketAddr, path: &str, headers: &str) -> SseS
     s.head.assert_status(200, path);
     s
 }
+
+#[test]
+fn without_history_redis_keeps_no_per_topic_streams() {
+    let redis = Redis::start();
+    let node = Server::start(&["--redis", &redis.url(), "--node-id", "h0", "--cores", "1", "--history-ttl", "0"]);
+    wait_health(&node, "ok");
+    let mut s = node.subscribe(&["nohist"]);
+    let id = support::publish(node.addr, "nohist", "x");
+    assert_eq!(s.expect_event("subscriber").id.as_deref(), Some(id.as_str()));
+    let mut conn = redis.connection();
+    let exists: i64 = redis::cmd("EXISTS").arg("ringcast:s:nohist").query(&mut conn).unwrap();
+    assert_eq!(exists, 0, "--history-ttl 0 wrote a per-topic stream");
+    // The stream of all events (catch-up after a relay outage) is kept all the same.
+    let all: i64 = redis::cmd("XLEN").arg("ringcast:all").query(&mut conn).unwrap();
+    assert_eq!(all, 1);
+}
