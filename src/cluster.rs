@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-/// The Redis Function library (loaded with `FUNCTION LOAD REPLACE` at start). Version 3:
+/// The Redis Function library (loaded with `FUNCTION LOAD REPLACE` at start). Version 4:
 /// `FCALL ringcast_version 0` returns it. `ringcast_publish 0 <topics> <data> [event] [after]
-/// [maxlen ttl-ms all-maxlen] [users]`: topics comma-separated; users (targeted delivery: only
+/// [maxlen ttl-ms all-maxlen] [users] [tag]`: topics comma-separated; users (targeted delivery: only
 /// those users' streams get the event) comma-separated, empty for everyone; `after` is an id the new one must follow
 /// (a node passes the newest id it knows, so ids keep increasing after it published alone while
 /// Redis was away); nodes pass the retention too, other callers get what nodes stored.
@@ -113,13 +113,20 @@ local function publish(keys, args)
       redis.call('PEXPIRE', key, ttl)
     end
   end
-  redis.call('XADD', P .. 'all', 'MAXLEN', '~', all_maxlen, id, 'e', event, 'd', data, 't', list, 'u', ulist)
+  -- A node's tag for this call (argument 9): after a pipeline that failed midway the node
+  -- finds which of its calls ran, and answers them, rather than publishing them twice.
+  local tag = args[9] or ''
+  if tag ~= '' then
+    redis.call('XADD', P .. 'all', 'MAXLEN', '~', all_maxlen, id, 'e', event, 'd', data, 't', list, 'u', ulist, 'n', tag)
+  else
+    redis.call('XADD', P .. 'all', 'MAXLEN', '~', all_maxlen, id, 'e', event, 'd', data, 't', list, 'u', ulist)
+  end
   redis.call('PUBLISH', P .. 'relay', id .. '\n' .. event .. '\n' .. list .. '\n' .. ulist .. '\n' .. data)
   return id
 end
 
 redis.register_function('ringcast_publish', publish)
-redis.register_function('ringcast_version', function() return 3 end)
+redis.register_function('ringcast_version', function() return 4 end)
 "#;
 
 const RELAY_CHANNEL: &str = "ringcast:relay";
@@ -225,6 +232,9 @@ pub struct Cluster {
     relay_up: AtomicBool,
     pub reconnects: AtomicU64,
     pub node_id: String,
+    /// Tags this process's publish calls (`<token>.<pipeline>.<index>`), unique across nodes
+    /// and restarts: see `reconcile`.
+    token: u64,
     stop: AtomicBool,
     state_log: Mutex<bool>,
 }
@@ -296,6 +306,11 @@ pub fn start(
         relay_up: AtomicBool::new(false),
         reconnects: AtomicU64::new(0),
         node_id,
+        token: {
+            let nanos =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+            nanos ^ (u64::from(std::process::id()) << 32)
+        },
         stop: AtomicBool::new(false),
         state_log: Mutex::new(true),
     });
@@ -397,6 +412,7 @@ fn run_publisher(
     let mut batch: Vec<Submission> = Vec::new();
     let mut last_used = std::time::Instant::now();
     let mut seen_failures = 0;
+    let mut tags: u64 = 0;
     while !cluster.stop.load(Ordering::Relaxed) {
         if conn.is_none() && std::time::Instant::now() >= retry_at {
             match connect(client).and_then(|mut c| prepare(&mut c, retention).map(|()| c)) {
@@ -458,51 +474,153 @@ fn run_publisher(
             }
             continue;
         };
-        let after = broker.last_id().to_string();
-        let mut pipe = redis::pipe();
-        for s in &batch {
-            for p in &s.publishes {
-                let topics: Vec<&str> = p.topics.iter().map(|t| &**t).collect();
-                pipe.cmd("FCALL")
-                    .arg("ringcast_publish")
-                    .arg(0)
-                    .arg(topics.join(","))
-                    .arg(&p.data)
-                    .arg(p.event.as_deref().unwrap_or(""))
-                    .arg(&after)
-                    .arg(retention.per_topic)
-                    .arg(retention.ttl_ms)
-                    .arg(retention.all.max(1))
-                    .arg(p.users.join(","));
-            }
-        }
-        match pipe.query::<Vec<String>>(c) {
-            Ok(ids) => {
-                let mut ids = ids.into_iter();
-                for s in batch.drain(..) {
-                    let mine: Vec<EventId> =
-                        ids.by_ref().take(s.publishes.len()).filter_map(|id| id.parse().ok()).collect();
-                    if mine.len() == s.publishes.len() {
-                        s.reply.fill(Ok(mine));
-                    } else {
-                        // Cannot happen with this library; never answer without an id.
-                        s.reply.fill(Err(s.publishes));
-                    }
-                }
-            }
+        let after = broker.last_id();
+        tags += 1;
+        let tag = format!("{:x}.{tags}", cluster.token);
+        let sent = {
+            let flat: Vec<&Publish> = batch.iter().flat_map(|s| s.publishes.iter()).collect();
+            send_pipeline(c, &flat, &after, &tag, retention)
+        };
+        let ids = match sent {
+            Ok(ids) => ids,
             Err(e) => {
-                // Whether Redis took some of them is unknown: they are published locally, so
-                // local subscribers get them (other nodes may too, if Redis did).
+                // Whether Redis ran some of them is unknown: reconnect, find which ran (their
+                // tags are in `ringcast:all`), answer those, and send the rest again. Only if
+                // Redis stays away are they published locally (degraded).
                 log::debug!("Redis publish pipeline: {e}");
                 conn = None;
                 cluster.set(&cluster.publisher_up, false);
-                retry_at = std::time::Instant::now() + backoff.pause();
-                for s in batch.drain(..) {
-                    s.reply.fill(Err(s.publishes));
+                let flat: Vec<&Publish> = batch.iter().flat_map(|s| s.publishes.iter()).collect();
+                tags += 1;
+                let retry_tag = format!("{:x}.{tags}", cluster.token);
+                match reconcile(client, retention, &flat, &after, &tag, &retry_tag) {
+                    Some((c, ids)) => {
+                        if ids.len() == flat.len() {
+                            conn = Some(c);
+                            cluster.set(&cluster.publisher_up, true);
+                            backoff.reset();
+                        } else {
+                            retry_at = std::time::Instant::now() + backoff.pause();
+                        }
+                        ids
+                    }
+                    None => {
+                        retry_at = std::time::Instant::now() + backoff.pause();
+                        Vec::new()
+                    }
                 }
+            }
+        };
+        // Batches whose publishes all have an id are answered; any other goes local (degraded).
+        let mut ids = ids.into_iter();
+        for s in batch.drain(..) {
+            let mine: Vec<EventId> = ids.by_ref().take(s.publishes.len()).collect();
+            if mine.len() == s.publishes.len() {
+                s.reply.fill(Ok(mine));
+            } else {
+                s.reply.fill(Err(s.publishes));
             }
         }
     }
+}
+
+/// One pipeline of `FCALL ringcast_publish`, one per publish, tagged `<tag>.<index>`; the ids
+/// in order.
+fn send_pipeline(
+    conn: &mut redis::Connection,
+    publishes: &[&Publish],
+    after: &EventId,
+    tag: &str,
+    retention: &RetentionConfig,
+) -> redis::RedisResult<Vec<EventId>> {
+    let after = after.to_string();
+    let mut pipe = redis::pipe();
+    for (i, p) in publishes.iter().enumerate() {
+        let topics: Vec<&str> = p.topics.iter().map(|t| &**t).collect();
+        pipe.cmd("FCALL")
+            .arg("ringcast_publish")
+            .arg(0)
+            .arg(topics.join(","))
+            .arg(&p.data)
+            .arg(p.event.as_deref().unwrap_or(""))
+            .arg(&after)
+            .arg(retention.per_topic)
+            .arg(retention.ttl_ms)
+            .arg(retention.all.max(1))
+            .arg(p.users.join(","))
+            .arg(format!("{tag}.{i}"));
+    }
+    let ids: Vec<String> = pipe.query(conn)?;
+    // Cannot fail with this library; an id that does not parse is never answered.
+    ids.iter()
+        .map(|id| {
+            id.parse().map_err(|_| {
+                redis::RedisError::from((redis::ErrorKind::UnexpectedReturnType, "bad id from ringcast_publish"))
+            })
+        })
+        .collect()
+}
+
+/// How long a node tries to reach Redis again after a publish pipeline failed midway, before
+/// it gives up on learning which calls ran (its publishers wait meanwhile).
+const RECONCILE_WITHIN: Duration = Duration::from_secs(3);
+
+/// After a failed pipeline tagged `tag`: reconnects (within `RECONCILE_WITHIN`), reads which of
+/// its calls Redis ran from `ringcast:all` (a prefix: Redis runs one connection's commands in
+/// order), and sends the others again (tagged `retry_tag`). The connection and the ids known,
+/// in order (fewer than `publishes` when the second pipeline failed too); `None` when Redis
+/// could not be reached.
+fn reconcile(
+    client: &redis::Client,
+    retention: &RetentionConfig,
+    publishes: &[&Publish],
+    after: &EventId,
+    tag: &str,
+    retry_tag: &str,
+) -> Option<(redis::Connection, Vec<EventId>)> {
+    let deadline = std::time::Instant::now() + RECONCILE_WITHIN;
+    let mut backoff = Backoff::new();
+    let mut conn = loop {
+        match connect(client).and_then(|mut c| prepare(&mut c, retention).map(|()| c)) {
+            Ok(c) => break c,
+            Err(_) if std::time::Instant::now() + BACKOFF_FIRST < deadline => std::thread::sleep(backoff.pause()),
+            Err(_) => return None,
+        }
+    };
+    let mut ran: Vec<Option<EventId>> = vec![None; publishes.len()];
+    let mut from = format!("({after}");
+    let prefix = format!("{tag}.");
+    loop {
+        let entries: redis::RedisResult<Vec<(String, Vec<Vec<u8>>)>> =
+            redis::cmd("XRANGE").arg(ALL_STREAM).arg(&from).arg("+").arg("COUNT").arg(CATCH_UP_COUNT).query(&mut conn);
+        let Ok(entries) = entries else { return None };
+        for (id, fields) in &entries {
+            let tagged = fields.chunks(2).find(|f| f[0] == b"n").and_then(|f| f.get(1));
+            let index = tagged
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .and_then(|t| t.strip_prefix(&prefix))
+                .and_then(|i| i.parse::<usize>().ok());
+            if let (Some(i), Ok(id)) = (index, id.parse()) {
+                if let Some(slot) = ran.get_mut(i) {
+                    *slot = Some(id);
+                }
+            }
+        }
+        match entries.last() {
+            Some((last, _)) if entries.len() == CATCH_UP_COUNT => from = format!("({last}"),
+            _ => break,
+        }
+    }
+    let mut ids: Vec<EventId> = ran.iter().map_while(|id| *id).collect();
+    log::info!("Redis publish pipeline failed midway: {} of {} publish(es) had run", ids.len(), publishes.len());
+    if ids.len() < publishes.len() {
+        let newest = ids.last().copied().unwrap_or(*after);
+        match send_pipeline(&mut conn, &publishes[ids.len()..], &newest, retry_tag, retention) {
+            Ok(more) => ids.extend(more),
+            Err(e) => log::debug!("Redis publish pipeline (again): {e}"),
+        }
+    }
+    Some((conn, ids))
 }
 
 fn run_relay(cluster: &Cluster, client: &redis::Client, broker: &Broker) {

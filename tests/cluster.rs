@@ -132,7 +132,7 @@ fn fcall_from_another_service_reaches_every_node() {
         redis::cmd("FCALL").arg("ringcast_publish").arg(0).arg("bad topic!").arg("x").query(&mut conn);
     assert!(bad.is_err(), "a bad topic was accepted");
     let version: i64 = redis::cmd("FCALL").arg("ringcast_version").arg(0).query(&mut conn).expect("version");
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     // A topic's stream expires --history-ttl (1 h by default) after its last publish.
     let ttl: i64 = redis::cmd("PTTL").arg("ringcast:s:news").query(&mut conn).expect("PTTL");
     assert!(ttl > 3_500_000 && ttl <= 3_600_000, "ringcast:s:news PTTL {ttl}");
@@ -399,4 +399,37 @@ fn without_history_redis_keeps_no_per_topic_streams() {
     // The stream of all events (catch-up after a relay outage) is kept all the same.
     let all: i64 = redis::cmd("XLEN").arg("ringcast:all").query(&mut conn).unwrap();
     assert_eq!(all, 1);
+}
+
+#[test]
+fn a_publish_redis_ran_but_never_answered_is_delivered_once() {
+    let redis = Redis::start();
+    let a = node(&redis.url(), "a");
+    let mut on_a = a.subscribe(&["dup"]);
+    // A publish just before keeps the node's Redis connection fresh (checked with PING only
+    // when idle for 200 ms), so the next pipeline is sent without a check.
+    let warm = support::publish(a.addr, "dup", "warm");
+    // Redis stops for 3 s, longer than the node's 2 s Redis timeout: the publish pipeline times
+    // out, yet Redis runs the FCALL waiting in its socket when it wakes.
+    let sleeper = {
+        let client = redis.client();
+        thread::spawn(move || {
+            let mut c = client.get_connection().unwrap();
+            let _: String = redis::cmd("DEBUG").arg("SLEEP").arg(3).query(&mut c).unwrap();
+        })
+    };
+    thread::sleep(Duration::from_millis(50));
+    let resp = publish_request(a.addr, "/publish?topic=dup", Some("text/plain"), b"once");
+    resp.assert_status(200, "publish while Redis sleeps");
+    sleeper.join().unwrap();
+    wait_health(&a, "ok");
+    let after = support::publish(a.addr, "dup", "after");
+    assert_eq!(on_a.expect_event("warm-up").id, Some(warm));
+    let first = on_a.expect_event("the publish made while Redis slept");
+    assert_eq!(first.data, "once");
+    let second = on_a.expect_event("the next publish");
+    assert_eq!((second.data.as_str(), second.id.as_deref()), ("after", Some(after.as_str())), "delivered twice?");
+    // Redis took it: it has its cluster id, not a local one.
+    assert!(!resp.body_str().contains("degraded"), "answered degraded: {}", resp.body_str());
+    assert_eq!(first.id, Some(publish_id(&resp)));
 }
