@@ -227,12 +227,18 @@ fn a_node_started_later_serves_history_and_resumes_from_redis() {
     assert_eq!(ev.event.as_deref(), Some("ringcast-gap"), "{ev:?}");
 }
 
-#[test]
-fn node_cut_off_from_redis_catches_up_on_what_others_published() {
+/// Redis, node a on it directly, node b through a relay the test can cut (b alone loses Redis).
+fn nodes_b_behind_a_relay() -> (Redis, support::relay::Relay, Server, Server) {
     let redis = Redis::start();
     let relay = support::relay::Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
     let a = node(&redis.url(), "a");
     let b = node(&format!("redis://{}/", relay.addr), "b");
+    (redis, relay, a, b)
+}
+
+#[test]
+fn node_cut_off_from_redis_catches_up_on_what_others_published() {
+    let (_redis, relay, a, b) = nodes_b_behind_a_relay();
     let mut on_b = b.subscribe(&["k"]);
     let mut published: Vec<(String, String)> = Vec::new();
     let mut publish = |i: usize| published.push((support::publish(a.addr, "k", &format!("e{i}")), format!("e{i}")));
@@ -255,10 +261,7 @@ fn node_cut_off_from_redis_catches_up_on_what_others_published() {
 
 #[test]
 fn events_trimmed_while_a_node_was_cut_off_are_signalled_as_a_gap() {
-    let redis = Redis::start();
-    let relay = support::relay::Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
-    let a = node(&redis.url(), "a");
-    let b = node(&format!("redis://{}/", relay.addr), "b");
+    let (redis, relay, a, b) = nodes_b_behind_a_relay();
     let mut on_a = a.subscribe(&["k"]);
     let mut on_b = b.subscribe(&["k"]);
     let first: Vec<(String, String)> =
