@@ -32,6 +32,8 @@ fn invalid_flag_values_exit_nonzero() {
         &["--max-connections", "many"][..],
         &["--driver", "kqueue"][..],
         &["--no-such-flag"][..],
+        &["--sched-slice", "50us"][..],
+        &["--sched-slice", "1s"][..],
     ] {
         let mut child = support::command()
             .args(["--listen", "127.0.0.1:0"])
@@ -108,4 +110,58 @@ fn settings_file_under_env_and_flags() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown setting \"max-topicz\""), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The scheduler slice (`se.slice`, nanoseconds) of each thread of `pid`, by thread name, as
+/// the kernel reports it; None where this kernel does not report slices (before 6.6, or
+/// without CONFIG_SCHED_DEBUG).
+fn slices(pid: u32) -> Option<Vec<(String, u64)>> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let name = std::fs::read_to_string(dir.join("comm")).ok()?.trim().to_string();
+        let sched = std::fs::read_to_string(dir.join("sched")).ok()?;
+        let line = sched.lines().find(|l| l.starts_with("se.slice"))?;
+        let value = line.rsplit(':').next()?.trim().parse::<f64>().ok()?;
+        found.push((name, value as u64));
+    }
+    Some(found)
+}
+
+#[test]
+fn core_threads_get_the_asked_scheduler_slice() {
+    let server = Server::start(&["--cores", "2", "--sched-slice", "300us"]);
+    let Some(threads) = slices(server.pid) else {
+        eprintln!("this kernel does not report scheduler slices: nothing to check");
+        return;
+    };
+    let cores: Vec<_> = threads.iter().filter(|(name, _)| name.starts_with("ringcast-core-")).collect();
+    assert_eq!(cores.len(), 2, "{threads:?}");
+    let custom_slices = std::fs::read_to_string("/proc/version")
+        .ok()
+        .and_then(|v| {
+            let release = v.split_whitespace().nth(2)?.to_string();
+            let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+            Some((parts.next()?, parts.next()?))
+        })
+        .is_some_and(|version| version >= (6, 12));
+    if custom_slices {
+        for (name, slice) in &cores {
+            assert_eq!(*slice, 300_000, "{name} did not get the asked slice: {threads:?}");
+        }
+        // Only the cores ask: the other threads keep the kernel's default.
+        let others: Vec<_> = threads.iter().filter(|(name, _)| !name.starts_with("ringcast-core-")).collect();
+        assert!(others.iter().all(|(_, slice)| *slice != 300_000), "{threads:?}");
+    }
+    // The server still serves with it.
+    let mut stream = server.subscribe(&["s"]);
+    let id = server.publish("s", "sliced");
+    assert_eq!(stream.next_event().expect("the event").data, "sliced");
+    assert!(!id.is_empty());
+
+    // --sched-slice 0 leaves the kernel's default on every thread.
+    let plain = Server::start(&["--cores", "2", "--sched-slice", "0"]);
+    let threads = slices(plain.pid).expect("reported above");
+    let default = threads[0].1;
+    assert!(threads.iter().all(|(_, slice)| *slice == default), "{threads:?}");
 }

@@ -17,7 +17,8 @@
 #   rate10kw 10,000 subscribers, 100 events/s from 4 connections, one request in flight each
 #   light    10 subscribers, 100 events/s from one waiting publisher (light-load latency)
 #   idle     19,900 idle subscribers (memory per connection)
-# Servers: ringcast (this tree), spin (this tree with --spin 50us), before ($BEFORE_BIN: a
+# Servers: ringcast (this tree), spin (this tree with --spin 50us), noslice (this tree with
+# --sched-slice 0: the kernel's default scheduler slice on the cores), before ($BEFORE_BIN: a
 # ringcast binary built from an earlier commit), nchan (nginx + nchan).
 #
 # Needs: nginx with libnginx-mod-nchan (apt-get install -y libnginx-mod-nchan), release builds.
@@ -87,6 +88,7 @@ run_one() { # server scenario
     case "$server" in
       ringcast) start_ringcast "$ROOT/target/release/ringcast" ;;
       spin) start_ringcast "$ROOT/target/release/ringcast" --spin "${SPIN:-50us}" ;;
+      noslice) start_ringcast "$ROOT/target/release/ringcast" --sched-slice 0 ;;
       before) start_ringcast "${BEFORE_BIN:?set BEFORE_BIN to an earlier ringcast binary}" ;;
       *) echo "unknown server $server" >&2; exit 1 ;;
     esac
