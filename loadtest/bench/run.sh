@@ -18,7 +18,9 @@
 #   light    10 subscribers, 100 events/s from one waiting publisher (light-load latency)
 #   idle     19,900 idle subscribers (memory per connection)
 # Servers: ringcast (this tree), spin (this tree with --spin 50us), noslice (this tree with
-# --sched-slice 0: the kernel's default scheduler slice on the cores), before ($BEFORE_BIN: a
+# --sched-slice 0: the kernel's default scheduler slice on the cores), floor (relay_floor: one
+# blocking thread per connection, the publisher's thread writes to every subscriber; the
+# light-load latency floor, not a server), before ($BEFORE_BIN: a
 # ringcast binary built from an earlier commit), nchan (nginx + nchan).
 #
 # Needs: nginx with libnginx-mod-nchan (apt-get install -y libnginx-mod-nchan), release builds.
@@ -67,6 +69,14 @@ start_ringcast() { # binary [extra flags...]
   echo "ringcast did not start" >&2; exit 1
 }
 
+start_floor() { # loadtest/src/bin/relay_floor.rs: the least a relay can do (light rows only)
+  port_free "$RC_PORT"
+  "$ROOT/target/release/relay_floor" "127.0.0.1:$RC_PORT" >"$OUT/ringcast.out" 2>"$OUT/ringcast.err" &
+  RC_PID=$!
+  for _ in $(seq 100); do grep -q listening "$OUT/ringcast.out" 2>/dev/null && return; sleep 0.05; done
+  echo "relay_floor did not start" >&2; exit 1
+}
+
 start_nchan() {
   local dir="$OUT/nchan"
   port_free "$NC_PORT"
@@ -90,6 +100,7 @@ run_one() { # server scenario
       spin) start_ringcast "$ROOT/target/release/ringcast" --spin "${SPIN:-50us}" ;;
       noslice) start_ringcast "$ROOT/target/release/ringcast" --sched-slice 0 ;;
       before) start_ringcast "${BEFORE_BIN:?set BEFORE_BIN to an earlier ringcast binary}" ;;
+      floor) start_floor ;;
       *) echo "unknown server $server" >&2; exit 1 ;;
     esac
     url="http://127.0.0.1:$RC_PORT"; pids=$RC_PID

@@ -12,6 +12,9 @@ pub struct ProcSample {
     pub cpu_seconds: f64,
     /// Resident set size (VmRSS) in bytes.
     pub rss_bytes: u64,
+    /// Times its live threads went to sleep (`voluntary_ctxt_switches`, summed): each sleep is
+    /// followed by a wake-up, so the difference over a window counts the server's wake-ups.
+    pub sleeps: u64,
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -56,6 +59,21 @@ fn threads_cpu_seconds(pid: u32) -> Option<f64> {
     Some(ns as f64 / 1e9)
 }
 
+/// `voluntary_ctxt_switches` from the contents of /proc/PID/task/TID/status.
+pub fn parse_status_sleeps(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("voluntary_ctxt_switches:"))?;
+    line["voluntary_ctxt_switches:".len()..].trim().parse().ok()
+}
+
+/// Summed voluntary context switches of the live threads of `pid` (0 if unreadable).
+fn threads_sleeps(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|task| fs::read_to_string(task.ok()?.path().join("status")).ok())
+        .filter_map(|status| parse_status_sleeps(&status))
+        .sum()
+}
+
 /// VmRSS in bytes from the contents of /proc/PID/status.
 pub fn parse_status_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -77,7 +95,7 @@ pub fn sample(pid: u32) -> io::Result<ProcSample> {
     let ticks = parse_stat_ticks(&stat).ok_or_else(|| bad("stat"))?;
     let rss = parse_status_rss(&status).ok_or_else(|| bad("status"))?;
     let cpu_seconds = threads_cpu_seconds(pid).unwrap_or(ticks as f64 / clock_ticks_per_second());
-    Ok(ProcSample { cpu_seconds, rss_bytes: rss })
+    Ok(ProcSample { cpu_seconds, rss_bytes: rss, sleeps: threads_sleeps(pid) })
 }
 
 #[cfg(test)]
@@ -97,6 +115,13 @@ mod tests {
         let status = "Name:\tringcast\nVmPeak:\t  100 kB\nVmRSS:\t    2048 kB\nThreads:\t3\n";
         assert_eq!(parse_status_rss(status), Some(2048 * 1024));
         assert_eq!(parse_status_rss("Name: x\n"), None);
+    }
+
+    #[test]
+    fn parses_status_sleeps() {
+        let status = "Name:\tringcast-core-0\nvoluntary_ctxt_switches:\t1234\nnonvoluntary_ctxt_switches:\t5\n";
+        assert_eq!(parse_status_sleeps(status), Some(1234));
+        assert_eq!(parse_status_sleeps("Name: x\n"), None);
     }
 
     #[test]

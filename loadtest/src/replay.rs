@@ -137,6 +137,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<ReplayReport, String> {
         &args.server_pid,
         ServerSamples { before: server_before, connected: server_end, start: server_before, end: server_end },
         delivered,
+        0, // nothing is published in replay mode
         seconds,
         c.connected,
     );

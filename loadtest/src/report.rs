@@ -103,6 +103,9 @@ pub struct ServerReport {
     pub cpu_us_per_event: Option<f64>,
     /// Average server CPU utilisation over that window (100 = one core).
     pub cpu_pct: f64,
+    /// Times the server's threads went to sleep (and so were woken) over that window, per
+    /// publish: at light load, the thread wake-ups each event costs.
+    pub wakeups_per_publish: Option<f64>,
     pub rss_before_bytes: u64,
     pub rss_after_connect_bytes: u64,
     pub rss_per_connection_bytes: Option<f64>,
@@ -195,9 +198,11 @@ impl ServerReport {
     fn write_text(&self, o: &mut String, what: &str) {
         let per_event = self.cpu_us_per_event.map_or("n/a".to_string(), |v| format!("{v:.3}us"));
         let per_conn = self.rss_per_connection_bytes.map_or("n/a".to_string(), |v| format!("{v:.0} B"));
+        let wakeups =
+            self.wakeups_per_publish.map_or(String::new(), |v| format!(", {v:.2} thread wake-ups per publish"));
         let _ = writeln!(
             o,
-            "server:    pid {} cpu {:.2}s ({:.0}%), {} per {what} event; RSS {:.1} MiB -> {:.1} MiB, {} per connection",
+            "server:    pid {} cpu {:.2}s ({:.0}%), {} per {what} event{wakeups}; RSS {:.1} MiB -> {:.1} MiB, {} per connection",
             self.pid,
             self.cpu_s,
             self.cpu_pct,

@@ -149,9 +149,10 @@ pub fn sample_server(pids: &[u32]) -> Result<Option<ProcSample>, String> {
     let mut total: Option<ProcSample> = None;
     for &pid in pids {
         let s = procstat::sample(pid).map_err(|e| format!("--server-pid {pid}: {e}"))?;
-        let t = total.get_or_insert(ProcSample { cpu_seconds: 0.0, rss_bytes: 0 });
+        let t = total.get_or_insert(ProcSample { cpu_seconds: 0.0, rss_bytes: 0, sleeps: 0 });
         t.cpu_seconds += s.cpu_seconds;
         t.rss_bytes += s.rss_bytes;
+        t.sleeps += s.sleeps;
     }
     Ok(total)
 }
@@ -167,11 +168,12 @@ pub struct ServerSamples {
     pub end: Option<ProcSample>,
 }
 
-/// Server CPU over the measured window per event, and RSS per connection.
+/// Server CPU over the measured window per event, wake-ups per publish, and RSS per connection.
 pub fn server_report(
     pids: &[u32],
     s: ServerSamples,
     events: u64,
+    published: u64,
     seconds: f64,
     connections: u64,
 ) -> Option<ServerReport> {
@@ -182,6 +184,7 @@ pub fn server_report(
         cpu_s: cpu,
         cpu_us_per_event: (events > 0).then(|| cpu * 1e6 / events as f64),
         cpu_pct: cpu * 100.0 / seconds.max(1e-9),
+        wakeups_per_publish: (published > 0).then(|| end.sleeps.saturating_sub(start.sleeps) as f64 / published as f64),
         rss_before_bytes: before.rss_bytes,
         rss_after_connect_bytes: after_connect.rss_bytes,
         rss_per_connection_bytes: (connections > 0)
@@ -289,6 +292,7 @@ pub fn run(args: &Args, raw_args: &[OsString]) -> Result<Report, String> {
         &args.server_pid,
         ServerSamples { before: server_before, connected: server_connected, start: server_pub_start, end: server_end },
         c.unique,
+        published.published(),
         delivery_seconds,
         connected.counters.connected,
     );
