@@ -101,8 +101,14 @@ fn run_thread(start: CoreStart) {
         }
     }
     if !start.cfg.sched_slice.is_zero() {
-        if let Err(e) = ask_slice(start.cfg.sched_slice) {
-            log::warn!("core {}: --sched-slice: {e}", start.index);
+        match ask_slice(start.cfg.sched_slice) {
+            // Said once: every core gets the same answer (a seccomp profile, say).
+            Err(e) if start.index == 0 => log::warn!(
+                "--sched-slice: cannot ask for {:?} scheduler slices ({e}); the cores keep the kernel's \
+                 default (--sched-slice 0 silences this)",
+                start.cfg.sched_slice
+            ),
+            _ => {}
         }
     }
     let (mut rt, driver) = match build_runtime(start.cfg.driver, start.cfg.uring_entries) {
