@@ -32,7 +32,7 @@ type Runtime = FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>
 /// Lets every other ready task run once. monoio 0.2.4 has no `yield_now`, and a task that
 /// wakes itself during its own poll is put at the front of the queue (it would starve the
 /// others), so the wake comes from a freshly spawned task instead, which runs at the back.
-async fn yield_now() {
+pub(crate) async fn yield_now() {
     let mut yielded = false;
     poll_fn(|cx| {
         if yielded {
@@ -254,12 +254,14 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
             if !worker.cfg.spin.is_zero() {
                 spin(&mailbox, worker.cfg.spin).await;
             }
+            worker.waiting.set(true);
             match drain {
                 None => mailbox.ready().await,
                 Some(_) => {
                     let _ = monoio::time::timeout(DRAIN_TICK, mailbox.ready()).await;
                 }
             }
+            worker.waiting.set(false);
         }
         let mut work = 0;
         while work < ENQUEUE_SLICE {

@@ -49,6 +49,9 @@ pub struct Worker {
     pub access: PublishAccess,
     pub cors: Cors,
     pub draining: Cell<bool>,
+    /// The core's loop is waiting for its mailbox (nothing to send): the runtime will park,
+    /// so its timers will fire. While it works through a pass they do not (see `wait_for_room`).
+    pub waiting: Cell<bool>,
     rng: Cell<u64>,
     /// Streams per slice of sends (adapts to `SLICE_TARGET`).
     slice: Cell<usize>,
@@ -73,6 +76,7 @@ impl Worker {
             shared,
             broker,
             draining: Cell::new(false),
+            waiting: Cell::new(false),
             rng: Cell::new(seed | 1),
             slice: Cell::new(16),
             replayed: RefCell::new(ReplayCache::default()),
