@@ -106,6 +106,12 @@ pub struct Config {
     #[arg(long, env = "RINGCAST_BATCH_MAX", default_value_t = 256)]
     pub batch_max: usize,
 
+    /// Publishing batches (a connection's pipelined publishes go together) a core's mailbox
+    /// holds: when delivery falls this far behind, publishers wait their turn for room
+    /// (back-pressure; 503 after --header-timeout). Bounds what a burst holds in memory.
+    #[arg(long, env = "RINGCAST_CORE_QUEUE", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(4..=1_048_576))]
+    pub core_queue: u32,
+
     /// Events whose frame reaches this many bytes are deflated once for all gzip streams;
     /// smaller ones travel as stored blocks (compression would not pay).
     #[arg(long, env = "RINGCAST_GZIP_MIN_BYTES", default_value_t = 1024)]

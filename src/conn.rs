@@ -195,41 +195,64 @@ async fn resolve(worker: &Worker, pending: &mut Pending, out: &mut Vec<u8>) -> b
 
 /// Numbers and queues `publishes` (emptied), their ids appended to `ids` in order: through
 /// Redis when configured and up, else on this node (`Ok(true)`: degraded). While some queue is
-/// full it waits (back-pressure); `Err` when it stayed full until `deadline`.
+/// full it waits (back-pressure), in line behind this core's earlier waiters (`RoomLine`);
+/// `Err` when it stayed full until `deadline`.
 pub async fn publish_batch(
     worker: &Worker,
     publishes: &mut Vec<Publish>,
     ids: &mut Vec<EventId>,
     deadline: Instant,
 ) -> Result<bool, Full> {
-    if let Some(cluster) = worker.shared.cluster.get() {
-        while cluster.up() {
-            match cluster.submit(std::mem::take(publishes)) {
-                Ok(reply) => {
-                    match reply.wait().await {
-                        Ok(numbered) => {
-                            ids.extend(numbered);
-                            return Ok(false);
-                        }
-                        Err(back) => *publishes = back,
+    let mut place = None;
+    let count_wait = |n: usize| worker.stats().publish_waits.fetch_add(n as u64, Ordering::Relaxed);
+    let mut waited = false;
+    if !worker.room.is_empty() {
+        count_wait(publishes.len());
+        waited = true;
+        let joined = worker.room.join();
+        joined.first().await;
+        place = Some(joined);
+    }
+    let mut via_redis = worker.shared.cluster.get().is_some();
+    loop {
+        let taken = match worker.shared.cluster.get() {
+            Some(cluster) if via_redis && cluster.up() => {
+                cluster.submit(std::mem::take(publishes)).map(Some).map_err(|back| *publishes = back)
+            }
+            _ => worker.broker.publish(publishes, ids).map(|()| None).map_err(|Full| ()),
+        };
+        match taken {
+            Ok(None) => return Ok(worker.shared.cluster.get().is_some()),
+            Ok(Some(reply)) => {
+                // Taken: the next in line may try while this one waits for Redis's answer.
+                drop(place.take());
+                match reply.wait().await {
+                    Ok(numbered) => {
+                        ids.extend(numbered);
+                        return Ok(false);
                     }
-                    break;
+                    // Redis went away meanwhile: number them here (degraded).
+                    Err(back) => {
+                        *publishes = back;
+                        via_redis = false;
+                        continue;
+                    }
                 }
-                Err(back) => *publishes = back,
             }
-            if Instant::now() >= deadline {
-                return Err(Full);
-            }
+            Err(()) if Instant::now() >= deadline => return Err(Full),
+            Err(()) => {}
+        }
+        if !waited {
+            count_wait(publishes.len());
+            waited = true;
+        }
+        let waiting = place.get_or_insert_with(|| worker.room.join());
+        if waiting.is_first() {
             wait_for_room(worker).await;
+        } else {
+            waiting.first().await;
         }
     }
-    while let Err(Full) = worker.broker.publish(publishes, ids) {
-        if Instant::now() >= deadline {
-            return Err(Full);
-        }
-        wait_for_room(worker).await;
-    }
-    Ok(worker.shared.cluster.get().is_some())
 }
 
 /// Waits before a publisher tries a full queue again. monoio fires timers only when a core

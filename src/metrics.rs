@@ -38,6 +38,8 @@ pub struct CoreStats {
     /// `PUBLISH_BUCKETS_US` (the last one: slower), and the sum in nanoseconds.
     pub publish_buckets: [AtomicU64; PUBLISH_BUCKETS_US.len() + 1],
     pub publish_ns: AtomicU64,
+    /// Publishes that found the core queues full and waited for room (back-pressure).
+    pub publish_waits: AtomicU64,
     /// Publishes refused: no or a wrong key (401), an address not allowed (403).
     pub refused_unauthorized: AtomicU64,
     pub refused_forbidden: AtomicU64,
@@ -252,6 +254,12 @@ impl Shared {
             "counter",
             "Times a stream's socket was full and its frames waited for room.",
             sum_u64(|c| &c.backlogs),
+        );
+        metric(
+            "ringcast_publish_waits_total",
+            "counter",
+            "Publishes that found the core queues full and waited for room (back-pressure: delivery is behind).",
+            sum_u64(|c| &c.publish_waits),
         );
         metric(
             "ringcast_slow_consumer_disconnects_total",

@@ -13,10 +13,6 @@ use std::io::{self, Write};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-/// Core mailbox, in publishing batches (a connection's pipelined publishes go together): when a
-/// core falls this far behind, publishers wait (back-pressure, then 503). A core takes only
-/// --batch-max events per pass over its streams, so a burst waits here: this bounds it.
-const CORE_QUEUE: usize = 1 << 12;
 /// Events Redis keeps in the stream of every event (for nodes catching up after a reconnect).
 const REDIS_ALL_MAX: usize = 100_000;
 /// How often retained events are checked against --history-ttl.
@@ -37,7 +33,8 @@ pub fn run(cfg: Config) -> io::Result<()> {
     let shared = Arc::new(Shared::new(cores, max_connections, node_id.clone(), limits, jwt));
     let cfg = Arc::new(cfg);
 
-    let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) = (0..cores).map(|_| mailbox(CORE_QUEUE)).unzip();
+    let (senders, receivers): (Vec<MailboxSender<CoreMsg>>, Vec<_>) =
+        (0..cores).map(|_| mailbox(cfg.core_queue as usize)).unzip();
     let first_id = IdClock::default().next_id();
     let history = History::new(cfg.history, cfg.history_max_entries, cfg.history_ttl.as_millis() as u64, first_id)
         .with_max_bytes(cfg.history_max_bytes);

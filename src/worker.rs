@@ -9,8 +9,10 @@ use crate::hub::{Hub, HubLimits};
 use crate::metrics::{CoreStats, Shared};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 /// Deliveries queued (events x their streams) before the core sends a slice and lets its other
@@ -39,6 +41,79 @@ struct ReplayCache {
     bytes: usize,
 }
 
+/// This core's publishers waiting for room in the full core queues, in arrival order. Only the
+/// first tries again; the others sleep until they are first. A publisher that comes while some
+/// wait takes its place behind them instead of trying, so the room that appears goes to them in
+/// turn (without it, whoever tried at the right moment won, and a waiter could lose for a
+/// long time: wrk -c100 saw p99 of hundreds of ms at p50 of 8 ms).
+#[derive(Default)]
+pub struct RoomLine {
+    next: Cell<u64>,
+    places: RefCell<VecDeque<(u64, Option<Waker>)>>,
+}
+
+impl RoomLine {
+    pub fn is_empty(&self) -> bool {
+        self.places.borrow().is_empty()
+    }
+
+    /// Takes the last place.
+    pub fn join(&self) -> Place<'_> {
+        let ticket = self.next.get();
+        self.next.set(ticket + 1);
+        self.places.borrow_mut().push_back((ticket, None));
+        Place { line: self, ticket }
+    }
+
+    fn is_first(&self, ticket: u64) -> bool {
+        self.places.borrow().front().is_some_and(|(first, _)| *first == ticket)
+    }
+
+    fn leave(&self, ticket: u64) {
+        let mut places = self.places.borrow_mut();
+        let Some(at) = places.iter().position(|(t, _)| *t == ticket) else { return };
+        places.remove(at);
+        if at == 0 {
+            if let Some(waker) = places.front_mut().and_then(|(_, w)| w.take()) {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// A publisher's place in its core's `RoomLine`; leaving it (drop) lets the next one try.
+pub struct Place<'a> {
+    line: &'a RoomLine,
+    ticket: u64,
+}
+
+impl Place<'_> {
+    /// Returns when this publisher is first in line (at once if it already is).
+    pub async fn first(&self) {
+        poll_fn(|cx| {
+            if self.line.is_first(self.ticket) {
+                return Poll::Ready(());
+            }
+            let mut places = self.line.places.borrow_mut();
+            if let Some((_, waker)) = places.iter_mut().find(|(t, _)| *t == self.ticket) {
+                *waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.line.is_first(self.ticket)
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.line.leave(self.ticket);
+    }
+}
+
 /// Per-core state shared by this core's tasks (never across threads).
 pub struct Worker {
     pub index: usize,
@@ -52,6 +127,8 @@ pub struct Worker {
     /// The core's loop is waiting for its mailbox (nothing to send): the runtime will park,
     /// so its timers will fire. While it works through a pass they do not (see `wait_for_room`).
     pub waiting: Cell<bool>,
+    /// Publishers waiting for room in the core queues (see `RoomLine`).
+    pub room: RoomLine,
     rng: Cell<u64>,
     /// Streams per slice of sends (adapts to `SLICE_TARGET`).
     slice: Cell<usize>,
@@ -77,6 +154,7 @@ impl Worker {
             broker,
             draining: Cell::new(false),
             waiting: Cell::new(false),
+            room: RoomLine::default(),
             rng: Cell::new(seed | 1),
             slice: Cell::new(16),
             replayed: RefCell::new(ReplayCache::default()),
@@ -139,5 +217,58 @@ impl Worker {
         }
         hub.publish_io_counts(self.stats());
         more
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Wake};
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll_first(place: &Place<'_>, wakes: &Arc<Wakes>) -> bool {
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        std::pin::pin!(place.first()).poll(&mut cx).is_ready()
+    }
+
+    #[test]
+    fn room_line_serves_publishers_in_arrival_order() {
+        let line = RoomLine::default();
+        assert!(line.is_empty());
+        let (a, b, c) = (line.join(), line.join(), line.join());
+        let (wb, wc) = (Arc::new(Wakes::default()), Arc::new(Wakes::default()));
+        assert!(a.is_first() && !b.is_first() && !c.is_first());
+        assert!(poll_first(&a, &Arc::new(Wakes::default())), "the first goes at once");
+        assert!(!poll_first(&b, &wb) && !poll_first(&c, &wc), "the others sleep");
+
+        // The first got through: only the next one is woken, and it is first now.
+        drop(a);
+        assert_eq!((wb.0.load(Ordering::SeqCst), wc.0.load(Ordering::SeqCst)), (1, 0));
+        assert!(poll_first(&b, &wb) && !poll_first(&c, &wc));
+
+        // A newcomer queues behind those waiting; one that leaves from the middle (its
+        // connection went away) wakes no one and keeps nobody back.
+        let d = line.join();
+        assert!(!d.is_first());
+        drop(c);
+        assert_eq!(wc.0.load(Ordering::SeqCst), 0);
+        let wd = Arc::new(Wakes::default());
+        assert!(!poll_first(&d, &wd));
+        drop(b);
+        assert_eq!(wd.0.load(Ordering::SeqCst), 1);
+        assert!(d.is_first() && poll_first(&d, &wd));
+        drop(d);
+        assert!(line.is_empty());
     }
 }
