@@ -124,8 +124,9 @@ pub struct Worker {
     pub access: PublishAccess,
     pub cors: Cors,
     pub draining: Cell<bool>,
-    /// The core's loop is waiting for its mailbox (nothing to send): the runtime will park,
-    /// so its timers will fire. While it works through a pass they do not (see `wait_for_room`).
+    /// The core's loop is waiting (for its mailbox, nothing to send; or for the runtime to park,
+    /// see `TIMER_BREAK`): the runtime will park, so timers will fire. While the loop works
+    /// through a pass they do not (see `wait_for_room`).
     pub waiting: Cell<bool>,
     /// Publishers waiting for room in the core queues (see `RoomLine`).
     pub room: RoomLine,
