@@ -33,8 +33,6 @@ use std::time::Duration;
 /// First read size for a request: a browser's `GET /events` head is well under 1 KiB, and every
 /// connection pays for this buffer until it becomes a stream. Grows for bigger requests.
 const READ_CHUNK: usize = 1024;
-/// How often a publisher waiting for room in a full core mailbox tries again.
-const FULL_RETRY: Duration = Duration::from_millis(1);
 /// A stream's close watcher reads into this many bytes (swallows stray client bytes).
 const WATCH_BUF: usize = 64;
 
@@ -263,7 +261,10 @@ pub async fn publish_batch(
 /// core (another core's queue is the full one) it sleeps.
 async fn wait_for_room(worker: &Worker) {
     if worker.waiting.get() {
-        monoio::time::sleep(FULL_RETRY).await;
+        // Fires when the runtime next parks, at the next 1 ms tick: with the core idle, that
+        // is a 1 ms poll of the other cores' queues; during the core's timer break, the same
+        // park that ends the break (a longer sleep would outlast it and wait for the next).
+        monoio::time::sleep(Duration::ZERO).await;
     } else {
         crate::runtime::yield_now().await;
     }
