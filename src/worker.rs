@@ -70,13 +70,19 @@ impl RoomLine {
     }
 
     fn leave(&self, ticket: u64) {
-        let mut places = self.places.borrow_mut();
-        let Some(at) = places.iter().position(|(t, _)| *t == ticket) else { return };
-        places.remove(at);
-        if at == 0 {
-            if let Some(waker) = places.front_mut().and_then(|(_, w)| w.take()) {
-                waker.wake();
+        let next = {
+            let mut places = self.places.borrow_mut();
+            let Some(at) = places.iter().position(|(t, _)| *t == ticket) else { return };
+            places.remove(at);
+            if at == 0 {
+                places.front_mut().and_then(|(_, w)| w.take())
+            } else {
+                None
             }
+        };
+        // Woken outside the borrow: a waker may run code that looks at the line.
+        if let Some(waker) = next {
+            waker.wake();
         }
     }
 }
