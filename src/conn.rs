@@ -208,7 +208,11 @@ pub async fn publish_batch(
         count_wait(publishes.len());
         waited = true;
         let joined = worker.room.join();
-        joined.first().await;
+        // Each waiter keeps its own deadline (behind a Redis retry or the dashboard's demo,
+        // a later place can have an earlier one).
+        if monoio::time::timeout_at(deadline, joined.first()).await.is_err() {
+            return Err(Full);
+        }
         place = Some(joined);
     }
     let mut via_redis = worker.shared.cluster.get().is_some();
@@ -247,8 +251,8 @@ pub async fn publish_batch(
         let waiting = place.get_or_insert_with(|| worker.room.join());
         if waiting.is_first() {
             wait_for_room(worker).await;
-        } else {
-            waiting.first().await;
+        } else if monoio::time::timeout_at(deadline, waiting.first()).await.is_err() {
+            return Err(Full);
         }
     }
 }

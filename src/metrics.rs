@@ -258,7 +258,7 @@ impl Shared {
         metric(
             "ringcast_publish_waits_total",
             "counter",
-            "Publishes that found the core queues full and waited for room (back-pressure: delivery is behind).",
+            "Publishes that found the core queues (or, with Redis, its submit queue) full and waited for room (back-pressure).",
             sum_u64(|c| &c.publish_waits),
         );
         metric(

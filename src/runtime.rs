@@ -190,13 +190,17 @@ fn ask_slice(slice: std::time::Duration) -> std::io::Result<()> {
     if policy < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // The policy comes with SCHED_RESET_ON_FORK or-ed in when that flag is set; keep it set.
+    let reset_on_fork = policy & libc::SCHED_RESET_ON_FORK != 0;
+    let policy = policy & !libc::SCHED_RESET_ON_FORK;
     if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
         return Ok(()); // a real-time or idle policy was chosen on purpose: leave it alone
     }
+    const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         policy: policy as u32,
-        flags: 0,
+        flags: if reset_on_fork { SCHED_FLAG_RESET_ON_FORK } else { 0 },
         nice,
         priority: 0,
         runtime: slice.as_nanos() as u64,
@@ -296,7 +300,12 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
                     }
                     Some(CoreMsg::Shutdown) => {
                         if drain.is_none() {
+                            // The loop waits here (for the accept task, which may be in a
+                            // timer backoff): publishers waiting for room must sleep, not spin,
+                            // or the runtime would never park and that timer never fire.
+                            worker.waiting.set(true);
                             drain = Some(Drain::start(&worker, canceller.take(), accept.take()).await);
+                            worker.waiting.set(false);
                         }
                         continue;
                     }
@@ -318,7 +327,9 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
             }
         }
         let more = worker.flush_slice();
-        if more || taken.is_some() || work >= ENQUEUE_SLICE {
+        // More already in the mailbox counts as busy too: the loop would otherwise go straight
+        // on without ever letting this core's requests, or its timers, have a turn.
+        if more || taken.is_some() || work >= ENQUEUE_SLICE || !mailbox.is_empty() {
             // A slice of a long fan-out is done: let requests (publishers waiting for their
             // answers), accepts and timers run, then take what the mailbox got meanwhile
             // before the next slice. Events published meanwhile join the sends still pending
