@@ -74,7 +74,51 @@ impl<T> MailboxSender<T> {
     }
 }
 
+/// Lets a core's first waiting publisher know that some core made room in its mailbox, so it
+/// tries again at once instead of at its core's next 1 ms timer tick (a busy core's own
+/// waiters try on each of its turns: without this, they took nearly all the room).
+#[derive(Default)]
+pub struct RoomSignal {
+    waker: AtomicWaker,
+    wanted: AtomicBool,
+}
+
+impl RoomSignal {
+    /// Wakes the waiting publisher, if one asked.
+    pub fn signal(&self) {
+        if self.wanted.swap(false, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    /// Resolves at the `fallback` or when `signal` comes, whichever is first.
+    pub async fn wait(&self, fallback: impl std::future::Future<Output = ()>) {
+        let mut fallback = std::pin::pin!(fallback);
+        let mut armed = false;
+        poll_fn(|cx| {
+            if armed && !self.wanted.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            if fallback.as_mut().poll(cx).is_ready() {
+                self.wanted.store(false, Ordering::Release);
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // After registering: a signal from here on finds the waker.
+            self.wanted.store(true, Ordering::Release);
+            armed = true;
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 impl<T> MailboxReceiver<T> {
+    /// As `MailboxSender::is_full`: publishers are being held back.
+    pub fn is_full(&self) -> bool {
+        self.rx.len() + 1 >= self.rx.capacity().unwrap_or(usize::MAX)
+    }
+
     /// Resolves when at least one message is waiting.
     pub async fn ready(&self) {
         poll_fn(|cx| {
@@ -96,5 +140,45 @@ impl<T> MailboxReceiver<T> {
 
     pub fn try_recv(&self) -> Option<T> {
         self.rx.try_recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Context, Wake, Waker};
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn room_signal_wakes_the_waiter_and_only_when_asked() {
+        let signal = RoomSignal::default();
+        signal.signal(); // nobody waits: nothing to wake, nothing remembered
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = std::pin::pin!(signal.wait(std::future::pending()));
+        assert!(wait.as_mut().poll(&mut cx).is_pending(), "an old signal must not count");
+        assert!(wait.as_mut().poll(&mut cx).is_pending(), "woken by nothing: still waiting");
+        signal.signal();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(wait.as_mut().poll(&mut cx).is_ready());
+        signal.signal(); // the waiter is gone: no wake
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+
+        // The fallback ends the wait too, and leaves no request behind.
+        let mut ready = std::pin::pin!(signal.wait(std::future::ready(())));
+        assert!(ready.as_mut().poll(&mut cx).is_ready());
+        signal.signal();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
     }
 }

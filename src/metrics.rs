@@ -119,6 +119,8 @@ pub struct Shared {
     pub retained_events: AtomicUsize,
     pub retained_bytes: AtomicUsize,
     pub cores: Vec<CoreStats>,
+    /// Per core: wakes its first waiting publisher when some core's mailbox has room again.
+    pub room: Vec<crate::mailbox::RoomSignal>,
 }
 
 impl Shared {
@@ -146,6 +148,7 @@ impl Shared {
             retained_events: AtomicUsize::new(0),
             retained_bytes: AtomicUsize::new(0),
             cores: (0..cores).map(|_| CoreStats::default()).collect(),
+            room: (0..cores).map(|_| Default::default()).collect(),
         }
     }
 

@@ -279,12 +279,16 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
             let (events, next) = match taken.take() {
                 Some(batch) => batch,
                 None if pass_events >= pass_limit => break,
-                None => match mailbox.try_recv() {
-                    Some(CoreMsg::Events(events)) => {
+                None => match (mailbox.is_full(), mailbox.try_recv()) {
+                    (was_full, Some(CoreMsg::Events(events))) => {
+                        if was_full {
+                            // Room again: every core's first waiting publisher may try now.
+                            worker.shared.room.iter().for_each(|room| room.signal());
+                        }
                         pass_events += events.len();
                         (events, 0)
                     }
-                    Some(CoreMsg::Notice(topic, frame)) => {
+                    (_, Some(CoreMsg::Notice(topic, frame))) => {
                         let mut hub = worker.hub.borrow_mut();
                         hub.notice(topic, &frame, worker.stats());
                         if topic == crate::dashboard::STATS_TOPIC {
@@ -294,11 +298,11 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
                         }
                         continue;
                     }
-                    Some(CoreMsg::Gap(frame)) => {
+                    (_, Some(CoreMsg::Gap(frame))) => {
                         worker.hub.borrow_mut().notice_all(&frame, worker.stats());
                         continue;
                     }
-                    Some(CoreMsg::Shutdown) => {
+                    (_, Some(CoreMsg::Shutdown)) => {
                         if drain.is_none() {
                             // The loop waits here (for the accept task, which may be in a
                             // timer backoff): publishers waiting for room must sleep, not spin,
@@ -309,7 +313,7 @@ async fn run_core(worker: Rc<Worker>, listener: TcpListener, mailbox: MailboxRec
                         }
                         continue;
                     }
-                    None => break,
+                    (_, None) => break,
                 },
             };
             let mut hub = worker.hub.borrow_mut();
