@@ -143,21 +143,23 @@ impl<T> MailboxReceiver<T> {
     }
 }
 
+/// A waker that counts its wakes, for tests of wake-ups here and in `worker`.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Wakes(pub std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl std::task::Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::future::Future;
-    use std::sync::atomic::AtomicUsize;
-    use std::task::{Context, Wake, Waker};
-
-    #[derive(Default)]
-    struct Wakes(AtomicUsize);
-
-    impl Wake for Wakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use std::task::{Context, Waker};
 
     #[test]
     fn room_signal_wakes_the_waiter_and_only_when_asked() {

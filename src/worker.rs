@@ -230,18 +230,10 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mailbox::Wakes;
     use std::future::Future;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Wake};
-
-    #[derive(Default)]
-    struct Wakes(AtomicUsize);
-
-    impl Wake for Wakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use std::sync::atomic::Ordering;
+    use std::task::Context;
 
     fn poll_first(place: &Place<'_>, wakes: &Arc<Wakes>) -> bool {
         let waker = Waker::from(wakes.clone());
