@@ -42,6 +42,11 @@ fn read_events(stream: &mut SseStream, n: usize, what: &str) -> Vec<(String, Str
         .collect()
 }
 
+/// Publishes `e<i>` to `topic` for each `i`; returns (id, data) pairs in order.
+fn publish_numbered(addr: std::net::SocketAddr, topic: &str, range: std::ops::Range<usize>) -> Vec<(String, String)> {
+    range.map(|i| (support::publish(addr, topic, &format!("e{i}")), format!("e{i}"))).collect()
+}
+
 #[test]
 fn three_nodes_deliver_every_event_once_in_one_order() {
     const PER_NODE: usize = 150;
@@ -208,8 +213,7 @@ fn resume_on_another_node_while_publishing_goes_on() {
 fn a_node_started_later_serves_history_and_resumes_from_redis() {
     let redis = Redis::start();
     let a = node(&redis.url(), "a");
-    let published: Vec<(String, String)> =
-        (0..20).map(|i| (support::publish(a.addr, "h", &format!("e{i}")), format!("e{i}"))).collect();
+    let published = publish_numbered(a.addr, "h", 0..20);
     let b = node(&redis.url(), "b");
 
     let mut last5 = open_stream(&b, "/events?topic=h&history=5", "");
@@ -264,8 +268,7 @@ fn events_trimmed_while_a_node_was_cut_off_are_signalled_as_a_gap() {
     let (redis, relay, a, b) = nodes_b_behind_a_relay();
     let mut on_a = a.subscribe(&["k"]);
     let mut on_b = b.subscribe(&["k"]);
-    let first: Vec<(String, String)> =
-        (0..5).map(|i| (support::publish(a.addr, "k", &format!("e{i}")), format!("e{i}"))).collect();
+    let first = publish_numbered(a.addr, "k", 0..5);
     assert_eq!(read_events(&mut on_b, 5, "node b before the cut"), first);
     relay.cut();
     wait_health(&b, "degraded");
@@ -276,8 +279,7 @@ fn events_trimmed_while_a_node_was_cut_off_are_signalled_as_a_gap() {
     let _: usize = redis::cmd("XTRIM").arg("ringcast:all").arg("MAXLEN").arg(0).query(&mut redis.connection()).unwrap();
     relay.resume();
     wait_health(&b, "ok");
-    let later: Vec<(String, String)> =
-        (10..13).map(|i| (support::publish(a.addr, "k", &format!("e{i}")), format!("e{i}"))).collect();
+    let later = publish_numbered(a.addr, "k", 10..13);
 
     let gap = on_b.expect_event("node b after the trim");
     assert_eq!(gap.event.as_deref(), Some("ringcast-gap"), "{gap:?}");
@@ -304,8 +306,7 @@ fn redis_restart_degrades_then_nodes_rejoin() {
     let a = node(&redis.url(), "a");
     let b = node(&redis.url(), "b");
     let mut on_b = b.subscribe(&["k"]);
-    let before: Vec<(String, String)> =
-        (0..10).map(|i| (support::publish(a.addr, "k", &format!("e{i}")), format!("e{i}"))).collect();
+    let before = publish_numbered(a.addr, "k", 0..10);
     assert_eq!(read_events(&mut on_b, 10, "before the restart"), before);
 
     redis.kill();
