@@ -144,6 +144,9 @@ fn targeted_events_cross_nodes_through_redis() {
     let b = start("b");
     // Resumes below start after this event: Redis holds everything since (it vouches).
     let warm_up = published(&a, json!({"topic": "t", "data": "before the streams"}));
+    // Node b must have it before the live streams open there, or (a relay that lags, say under
+    // a loaded test run) it would reach them live.
+    b.wait_for_metric("ringcast_events_published_total", std::time::Duration::from_secs(20), |n| n >= 1.0);
     let mut alice_on_b = stream_as(&b, "alice", "topic=t", "");
     let mut carol_on_b = stream_as(&b, "carol", "topic=t", "");
     let mut alice_on_a = stream_as(&a, "alice", "topic=t", "");
